@@ -1,0 +1,525 @@
+"""RMT (Retentive Networks Meet Vision Transformers) for deployment.
+
+One file in timm order: helpers, blocks, stage, model, checkpoint filter, builders, registry.
+
+Modules are built in the released checkpoint layout so released weights load unchanged. `RMT.fuse()`
+then rewrites them in place into the inference form that `forward` runs:
+
+* q/k/v projections become one GEMM producing ``[q, rot(q), k, rot(k), v]``; the rotary
+  pair-rotation and k's ``d**-0.5`` scale are folded into its weights, so the rotary shift is
+  ``q * cos + q_rot * sin`` with no strided slicing or stacking;
+* layer-scale ``gamma_1``/``gamma_2`` are folded into ``out_proj``/``fc2``;
+* every BatchNorm is folded into the convolution or linear layer in front of it.
+
+Rotary sin/cos tables and decay biases depend only on the stage resolution: `RelPos` computes them
+once per (H, W) and caches them, so eager inference never rebuilds them and a fixed-size export
+bakes them in as constants; under a dynamic-shape trace they are built from the traced shape.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "RMT", "RMTConfig", "VARIANTS", "RELEASED_NAMES", "build_model", "checkpoint_filter_fn",
+    "unfused_param_count",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def rotate_every_two_matrix(dim: int) -> torch.Tensor:
+    """R with ``x @ R == rot(x)``: each pair (x_2m, x_2m+1) becomes (-x_2m+1, x_2m)."""
+    rot = torch.zeros(dim, dim)
+    even = torch.arange(0, dim, 2)
+    rot[even + 1, even] = -1.0
+    rot[even, even + 1] = 1.0
+    return rot
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
+    """Weights and bias of a conv/linear (output channels first) followed by ``bn`` at inference."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = torch.zeros_like(bn.running_mean) if bias is None else bias
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return weight * scale.reshape(shape), (bias - bn.running_mean) * scale + bn.bias
+
+
+def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    weight, bias = fold_batchnorm(conv.weight, conv.bias, bn)
+    conv.weight = nn.Parameter(weight.detach())
+    conv.bias = nn.Parameter(bias.detach())
+
+
+def _tokens_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Linear over channels-last tokens as one 2-D GEMM (on a 4-D input PyTorch adds a full copy)."""
+    return F.linear(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias).reshape(*x.shape[:-1], -1)
+
+
+def _fold_identity(conv: nn.Conv2d) -> None:
+    """Make a depth-wise conv compute ``x + conv(x)``: add 1 to the centre tap of every filter."""
+    k = conv.kernel_size[0] // 2
+    conv.weight[:, 0, k, k] += 1.0
+
+
+def _nhwc_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a conv to channels-last tokens (B, H, W, C) without copying layouts: the permuted view
+    is an NCHW tensor in channels_last memory format, which oneDNN/cuDNN consume directly."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# blocks
+# --------------------------------------------------------------------------------------------
+
+class DWConv2d(nn.Module):
+    """Depth-wise conv on channels-last tokens (released key: ``<name>.conv``)."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _nhwc_conv(self.conv, x)
+
+
+class ManhattanSelfAttention(nn.Module):
+    """MaSA (released key: ``retention``); full or decomposed (axial) over the stage grid."""
+
+    def __init__(self, dim: int, num_heads: int, decomposed: bool):
+        super().__init__()
+        self.dim, self.num_heads, self.decomposed = dim, num_heads, decomposed
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.lepe = DWConv2d(dim, 5)
+        self.out_proj = nn.Linear(dim, dim)
+
+    @torch.no_grad()
+    def fuse(self, layer_scale: torch.Tensor | None) -> None:
+        rot = torch.block_diag(*[rotate_every_two_matrix(self.head_dim)] * self.num_heads)
+        scale = self.head_dim ** -0.5
+        q_w, q_b = self.q_proj.weight, self.q_proj.bias
+        k_w, k_b = self.k_proj.weight * scale, self.k_proj.bias * scale
+        # Linear computes x @ W.T + b, so rot(out) = x @ (W.T @ R) + b @ R = x @ (R.T @ W).T + b @ R.
+        weight = torch.cat([q_w, rot.T @ q_w, k_w, rot.T @ k_w, self.v_proj.weight])
+        bias = torch.cat([q_b, q_b @ rot, k_b, k_b @ rot, self.v_proj.bias])
+        self.qkv = nn.Linear(self.dim, 5 * self.dim).to(weight)
+        self.qkv.weight.copy_(weight)
+        self.qkv.bias.copy_(bias)
+        del self.q_proj, self.k_proj, self.v_proj
+        if layer_scale is not None:
+            gamma = layer_scale.reshape(-1)
+            self.out_proj.weight.mul_(gamma[:, None])
+            self.out_proj.bias.mul_(gamma)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, n, H, W, d) view."""
+        b, h, w, _ = x.shape
+        return x.reshape(b, h, w, self.num_heads, self.head_dim).permute(0, 3, 1, 2, 4)
+
+    def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        b, h, w, c = x.shape
+        cos, sin = tables[0], tables[1]
+        q, q_rot, k, k_rot, v = _tokens_linear(self.qkv, x).split(c, dim=-1)
+        q = self._heads(q * cos + q_rot * sin)
+        k = self._heads(k * cos + k_rot * sin)
+        lepe = self.lepe(v)
+        vh = self._heads(v)
+        if self.decomposed:
+            bias_w, bias_h = tables[2], tables[3]
+            attn = torch.softmax(q @ k.transpose(-1, -2) + bias_w, dim=-1)  # along W, per row
+            vh = attn @ vh                                                   # (B, n, H, W, d)
+            q, k, vh = q.transpose(2, 3), k.transpose(2, 3), vh.transpose(2, 3)
+            attn = torch.softmax(q @ k.transpose(-1, -2) + bias_h, dim=-1)  # along H, per column
+            out = (attn @ vh).permute(0, 3, 2, 1, 4)                         # (B, H, W, n, d)
+        else:
+            q, k, vh = q.flatten(2, 3), k.flatten(2, 3), vh.flatten(2, 3)
+            attn = torch.softmax(q @ k.transpose(-1, -2) + tables[2], dim=-1)
+            out = (attn @ vh).transpose(1, 2)                                # (B, HW, n, d)
+        out = out.reshape(b, h, w, c) + lepe
+        return _tokens_linear(self.out_proj, out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.dwconv = DWConv2d(hidden_dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(_tokens_linear(self.fc1, x))
+        x = self.dwconv(x)              # x + dwconv(x): the identity is folded into the kernel
+        return _tokens_linear(self.fc2, x)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, decomposed: bool,
+                 layer_scale: bool, layer_init_value: float):
+        super().__init__()
+        self.pos = DWConv2d(dim, 3)
+        self.retention_layer_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.retention = ManhattanSelfAttention(dim, num_heads, decomposed)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.ffn = FeedForward(dim, int(mlp_ratio * dim))
+        if layer_scale:
+            self.gamma_1 = nn.Parameter(torch.full((1, 1, 1, dim), layer_init_value))
+            self.gamma_2 = nn.Parameter(torch.full((1, 1, 1, dim), layer_init_value))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        gamma_1 = getattr(self, "gamma_1", None)
+        self.retention.fuse(gamma_1)
+        _fold_identity(self.pos.conv)
+        _fold_identity(self.ffn.dwconv.conv)
+        if gamma_1 is not None:
+            gamma_2 = self.gamma_2.reshape(-1)
+            self.ffn.fc2.weight.mul_(gamma_2[:, None])
+            self.ffn.fc2.bias.mul_(gamma_2)
+            del self.gamma_1, self.gamma_2
+
+    def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x = self.pos(x)                 # x + pos(x): the identity is folded into the kernel
+        x = x + self.retention(self.retention_layer_norm(x), tables)
+        return x + self.ffn(self.final_layer_norm(x))
+
+
+# --------------------------------------------------------------------------------------------
+# stage
+# --------------------------------------------------------------------------------------------
+
+class RelPos(nn.Module):
+    """Per-stage rotary and decay tables (released key: ``Relpos``, buffers ``angle``/``decay``).
+
+    Tables are computed the way the released code computes them (float32 products, then sin/cos),
+    so long position indices round identically, and cached per (H, W, dtype, device).
+    """
+
+    def __init__(self, dim: int, num_heads: int, init_value: float, heads_range: float,
+                 decomposed: bool):
+        super().__init__()
+        head_dim = dim // num_heads
+        angle = 1.0 / (10000 ** torch.linspace(0, 1, head_dim // 2))
+        decay = torch.log(1 - 2 ** (-init_value - heads_range * torch.arange(num_heads, dtype=torch.float) / num_heads))
+        self.register_buffer("angle", angle.repeat_interleave(2))
+        self.register_buffer("decay", decay)
+        self.num_heads, self.decomposed = num_heads, decomposed
+        self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._cache.clear()
+        return super()._apply(fn, recurse)
+
+    def forward(self, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(cos, sin) of shape (H, W, C), then the decay bias: (n, 1, W, W) and (n, 1, H, H) for
+        decomposed stages, (n, HW, HW) for full ones."""
+        if _is_tracing() and not isinstance(h, torch.SymInt) and not isinstance(w, torch.SymInt):
+            key = (h, w, dtype, self.decay.device)
+            if key in self._cache:      # a fixed-size export: bake the cached tables in as constants
+                return self._cache[key]
+        if _is_tracing():               # dynamic shapes: build the tables from the traced shape
+            return self._build(h, w, dtype)
+        key = (h, w, dtype, self.decay.device)
+        if key not in self._cache:
+            with torch.no_grad():
+                self._cache[key] = self._build(h, w, dtype)
+        return self._cache[key]
+
+    def _build(self, h, w, dtype):
+        decay, angle = self.decay, self.angle
+        index = torch.arange(h * w, device=decay.device).to(decay.dtype)
+        phase = (index[:, None] * angle[None, :]).reshape(h, w, -1)
+        cos = torch.cos(phase).repeat(1, 1, self.num_heads).to(dtype)
+        sin = torch.sin(phase).repeat(1, 1, self.num_heads).to(dtype)
+        dist_h = self._distance(h, decay)
+        dist_w = self._distance(w, decay)
+        if self.decomposed:
+            bias_w = (dist_w * decay[:, None, None]).unsqueeze(1).to(dtype)
+            bias_h = (dist_h * decay[:, None, None]).unsqueeze(1).to(dtype)
+            return cos, sin, bias_w, bias_h
+        dist = (dist_h[:, None, :, None] + dist_w[None, :, None, :]).reshape(h * w, h * w)
+        return cos, sin, (dist * decay[:, None, None]).to(dtype)
+
+    @staticmethod
+    def _distance(n, like: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(n, device=like.device).to(like.dtype)
+        return (index[:, None] - index[None, :]).abs()
+
+
+class PatchMerging(nn.Module):
+    """Stride-2 3x3 conv + BatchNorm between stages (released key: ``downsample``)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, out_dim, 3, 2, 1)
+        self.norm = nn.BatchNorm2d(out_dim)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        _fold_conv_bn(self.reduction, self.norm)
+        self.norm = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+
+class Stage(nn.Module):
+    def __init__(self, dim: int, out_dim: int | None, depth: int, num_heads: int, init_value: float,
+                 heads_range: float, mlp_ratio: float, decomposed: bool, layer_scale: bool,
+                 layer_init_value: float):
+        super().__init__()
+        self.Relpos = RelPos(dim, num_heads, init_value, heads_range, decomposed)
+        self.blocks = nn.ModuleList([
+            Block(dim, num_heads, mlp_ratio, decomposed, layer_scale, layer_init_value) for _ in range(depth)
+        ])
+        self.downsample = PatchMerging(dim, out_dim) if out_dim is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Blocks only; the caller applies ``downsample`` (stage outputs are taken before it)."""
+        tables = self.Relpos(x.shape[1], x.shape[2], x.dtype)
+        for block in self.blocks:
+            x = block(x, tables)
+        return x
+
+
+class Stem(nn.Module):
+    """Four 3x3 convs (strides 2, 1, 2, 1) with BatchNorm, GELU between (released key: ``patch_embed``)."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        half = dim // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.GELU(),
+            nn.Conv2d(dim, dim, 3, 1, 1), nn.BatchNorm2d(dim),
+        )
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        for i in (0, 3, 6, 9):
+            _fold_conv_bn(self.proj[i], self.proj[i + 1])
+            self.proj[i + 1] = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last memory makes every later NHWC view of a conv output contiguous
+        x = x.contiguous(memory_format=torch.channels_last)
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RMTConfig:
+    """Architecture, with the released constructor's argument names (see tiny_config.json)."""
+
+    embed_dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    init_values: tuple[float, ...]
+    heads_ranges: tuple[float, ...]
+    mlp_ratios: tuple[float, ...]
+    chunkwise_recurrents: tuple[bool, ...]
+    layerscales: tuple[bool, ...]
+    layer_init_values: float = 1e-6
+    projection: int = 1024
+    num_classes: int = 1000
+    in_chans: int = 3
+    extra_norms: bool = False   # detection/segmentation backbones normalise each stage output
+    token_label: bool = False   # token-labelled checkpoints add `aux_head`
+    name: str = field(default="custom", compare=False)
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "RMTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(cfg) - known
+        if unknown:
+            raise ValueError(f"unknown RMT config keys: {sorted(unknown)}; known: {sorted(known)}")
+        seq = {"embed_dims", "depths", "num_heads", "init_values", "heads_ranges", "mlp_ratios",
+               "chunkwise_recurrents", "layerscales"}
+        cfg = {k: tuple(v) if k in seq else v for k, v in cfg.items()}
+        missing = seq - set(cfg)
+        if missing:
+            raise ValueError(f"RMT config is missing keys: {sorted(missing)}")
+        config = cls(**cfg)
+        lengths = {len(getattr(config, k)) for k in seq}
+        if len(lengths) != 1:
+            raise ValueError(f"RMT config per-stage lists differ in length: {lengths}")
+        return config
+
+    def replace(self, **changes) -> "RMTConfig":
+        return RMTConfig(**{**asdict(self), **changes})
+
+
+class RMT(nn.Module):
+    """RMT classifier / backbone. ``features_only`` returns the four stage outputs (NCHW)."""
+
+    def __init__(self, config: RMTConfig, features_only: bool = False):
+        super().__init__()
+        self.config, self.features_only, self.fused = config, features_only, False
+        dims = config.embed_dims
+        self.num_stages = len(dims)
+        self.patch_embed = Stem(config.in_chans, dims[0])
+        self.layers = nn.ModuleList([
+            Stage(dims[i], dims[i + 1] if i + 1 < self.num_stages else None, config.depths[i],
+                  config.num_heads[i], config.init_values[i], config.heads_ranges[i],
+                  config.mlp_ratios[i], config.chunkwise_recurrents[i], config.layerscales[i],
+                  config.layer_init_values)
+            for i in range(self.num_stages)
+        ])
+        if config.extra_norms:
+            self.extra_norms = nn.ModuleList([nn.LayerNorm(d) for d in dims])
+        if not features_only:
+            self.proj = nn.Linear(dims[-1], config.projection)
+            self.norm = nn.BatchNorm2d(config.projection)
+            self.head = nn.Linear(config.projection, config.num_classes) if config.num_classes else nn.Identity()
+            if config.token_label:
+                self.aux_head = nn.Linear(dims[-1], config.num_classes)
+        self.stage_channels = list(dims)
+        self.stage_strides = [4 * 2 ** i for i in range(self.num_stages)]
+        self.output_names = [f"stage{i + 1}" for i in range(self.num_stages)] if features_only else ["logits"]
+        self.eval()
+
+    @torch.no_grad()
+    def fuse(self) -> "RMT":
+        """Rewrite into the inference form in place (after loading weights). Idempotent."""
+        if self.fused:
+            return self
+        self.patch_embed.fuse()
+        for stage in self.layers:
+            for block in stage.blocks:
+                block.fuse()
+            if stage.downsample is not None:
+                stage.downsample.fuse()
+        if not self.features_only:
+            weight, bias = fold_batchnorm(self.proj.weight, self.proj.bias, self.norm)
+            self.proj.weight = nn.Parameter(weight.detach())
+            self.proj.bias = nn.Parameter(bias.detach())
+            self.norm = nn.Identity()
+        self.fused = True
+        return self.eval()
+
+    def _stage_outputs(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if not self.fused:
+            raise RuntimeError("RMT runs in its fused inference form: call model.fuse() after loading weights")
+        x = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            if keep:
+                out = self.extra_norms[i](x) if hasattr(self, "extra_norms") else x
+                outs.append(out.permute(0, 3, 1, 2))
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        return x, outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-stage tokens, channels-last (B, H/32, W/32, C4)."""
+        return self._stage_outputs(x, keep=False)[0]
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Stage outputs before each downsample (extra-normed when present), NCHW, strides 4..32."""
+        return self._stage_outputs(x, keep=True)[1]
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.silu(_tokens_linear(self.proj, x))   # BatchNorm is folded into proj
+        logits = self.head(z.mean(dim=(1, 2)))
+        if hasattr(self, "aux_head"):
+            logits = logits + 0.5 * _tokens_linear(self.aux_head, x).amax(dim=(1, 2))
+        return logits
+
+    def forward(self, x: torch.Tensor):
+        if self.features_only:
+            return self.forward_intermediates(x)
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint filter
+# --------------------------------------------------------------------------------------------
+
+_FOREIGN_PREFIXES = ("module.", "backbone.", "model.", "_orig_mod.")
+_HEAD_PREFIXES = ("proj.", "norm.", "head.", "aux_head.")
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], features_only: bool = False) -> dict[str, torch.Tensor]:
+    """Map a released state dict (any of the wild formats, already unwrapped) onto `RMT` keys.
+
+    Strips ``module.`` / ``backbone.`` / ``_orig_mod.`` prefixes, drops detector/segmentor parts
+    (``neck.*``, ``*_head.*`` outside the backbone), and for a features-only model drops the
+    classification head, as timm does for ``features_only``.
+    """
+    has_backbone = any(k.startswith("backbone.") for k in state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if has_backbone and not key.startswith("backbone."):
+            continue            # neck, rpn_head, decode_head, ... of a detector / segmentor
+        for prefix in _FOREIGN_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if features_only and key.startswith(_HEAD_PREFIXES):
+            continue
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# builders
+# --------------------------------------------------------------------------------------------
+
+def build_model(config: RMTConfig, features_only: bool = False) -> RMT:
+    """An unfused model in the released layout, randomly initialised like the released code."""
+    model = RMT(config, features_only=features_only)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def unfused_param_count(config: RMTConfig) -> int:
+    """Parameters of the released layout (what the paper and the spec count)."""
+    with torch.device("meta"):
+        model = RMT(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _variant(name, dims, depths, heads, ranges, mlp, decomposed, layerscale) -> RMTConfig:
+    n = len(dims)
+    return RMTConfig(
+        embed_dims=dims, depths=depths, num_heads=heads, init_values=(2,) * n, heads_ranges=ranges,
+        mlp_ratios=mlp, chunkwise_recurrents=tuple(i in decomposed for i in range(n)),
+        layerscales=tuple(i in layerscale for i in range(n)), name=name,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------------
+
+VARIANTS: dict[str, RMTConfig] = {
+    "rmt_t": _variant("rmt_t", (64, 128, 256, 512), (2, 2, 8, 2), (4, 4, 8, 16), (4, 4, 6, 6), (3, 3, 3, 3), {0, 1}, set()),
+    "rmt_s": _variant("rmt_s", (64, 128, 256, 512), (3, 4, 18, 4), (4, 4, 8, 16), (4, 4, 6, 6), (4, 4, 3, 3), {0, 1, 2}, set()),
+    "rmt_b": _variant("rmt_b", (80, 160, 320, 512), (4, 8, 25, 8), (5, 5, 10, 16), (5, 5, 6, 6), (4, 4, 3, 3), {0, 1, 2}, {2, 3}),
+    "rmt_l": _variant("rmt_l", (112, 224, 448, 640), (4, 8, 25, 8), (7, 7, 14, 20), (6, 6, 6, 6), (4, 4, 3, 3), {0, 1, 2}, {2, 3}),
+}
+
+# Builder names of the released code (found in checkpoints' `args.model` / `arch`).
+RELEASED_NAMES = {"RMT_T3": "rmt_t", "RMT_S": "rmt_s", "RMT_M2": "rmt_b", "RMT_L6": "rmt_l"}

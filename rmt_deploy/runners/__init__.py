@@ -1,0 +1,31 @@
+"""Backends behind one interface. Heavy libraries (onnxruntime, tensorrt) load only when used."""
+from __future__ import annotations
+
+from .base import INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing, output_names
+
+BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
+
+
+def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str = "cpu",
+                precision: str = "fp32", threads: int | None = None) -> Runner:
+    """Build (not yet load) the runner for ``backend``; each backend takes what it needs."""
+    if backend in ("eager", "compile"):
+        from .eager import EagerRunner
+        if model is None:
+            raise ValueError(f"backend {backend!r} needs a model")
+        return EagerRunner(model, device=device, precision=precision, compile=backend == "compile")
+    if backend == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeRunner
+        if onnx is None:
+            raise ValueError("backend 'onnxruntime' needs an ONNX file")
+        return OnnxRuntimeRunner(onnx, device=device, threads=threads)
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTRunner
+        if engine is None:
+            raise ValueError("backend 'tensorrt' needs an engine file")
+        return TensorRTRunner(engine)
+    raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+
+
+__all__ = ["BACKENDS", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
+           "open_runner", "output_names"]

@@ -1,0 +1,60 @@
+"""PyTorch eager (optionally ``torch.compile``) runner over the fused RMT model."""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from ..model import RMT
+from .base import INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class EagerRunner(Runner):
+    backend = "eager"
+
+    def __init__(self, model: RMT, device: str = "cpu", precision: str = "fp32", compile: bool = False):
+        super().__init__()
+        if precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RunnerUnavailable("CUDA is not available to PyTorch on this machine")
+        if precision == "fp16" and not device.startswith("cuda"):
+            raise RunnerUnavailable("fp16 eager needs a CUDA device (CPU half kernels are slow or missing)")
+        self.model, self.device, self.precision, self.compile = model, device, precision, compile
+        if compile:
+            self.backend = "compile"
+        self._fn = model
+
+    def _load(self) -> None:
+        self.model.fuse().to(self.device, _DTYPES[self.precision]).eval()
+        self._fn = torch.compile(self.model, dynamic=False) if self.compile else self.model
+
+    def metadata(self) -> RunnerMetadata:
+        dtype = "float32" if self.precision == "fp32" else ("float16" if self.precision == "fp16" else "bfloat16")
+        outs = [TensorSpec(n, ("batch", c) if n == "logits" else ("batch", c, "height", "width"), dtype)
+                for n, c in zip(self.model.output_names,
+                                [self.model.config.num_classes] if not self.model.features_only else self.model.stage_channels)]
+        return RunnerMetadata([TensorSpec(INPUT_NAME, ("batch", 3, "height", "width"), "float32")], outs,
+                              {"model": self.model.config.name, "checkpoint": getattr(self.model, "checkpoint", None)})
+
+    @torch.inference_mode()
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cuda = self.device.startswith("cuda")
+        images = feed[INPUT_NAME]
+        start = time.perf_counter()
+        x = torch.as_tensor(np.ascontiguousarray(images, dtype=np.float32)).to(self.device, _DTYPES[self.precision])
+        if cuda:
+            torch.cuda.synchronize()
+        copied = time.perf_counter()
+        out = self._fn(x)
+        if cuda:
+            torch.cuda.synchronize()
+        computed = time.perf_counter()
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        result = {n: t.float().cpu().numpy() for n, t in zip(self.model.output_names, outs)}
+        self.last_timing = Timing((copied - start) * 1e3, (computed - copied) * 1e3, (time.perf_counter() - computed) * 1e3)
+        return result

@@ -1,0 +1,76 @@
+"""ONNX Runtime runner (CPU, or CUDA with onnxruntime-gpu)."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .base import Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RunnerUnavailable("onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu)") from exc
+    return onnxruntime
+
+
+class OnnxRuntimeRunner(Runner):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
+                 optimized_model_path: str | Path | None = None):
+        super().__init__()
+        self.path, self.device, self.threads = Path(path), device, threads
+        self.optimized_model_path = optimized_model_path
+        self.session = None
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+
+    def _load(self) -> None:
+        ort = _import_ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        if self.optimized_model_path:
+            options.optimized_model_filepath = os.fspath(self.optimized_model_path)
+        if self.device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RunnerUnavailable("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu "
+                                        f"and CUDA); available: {ort.get_available_providers()}")
+            providers = [("CUDAExecutionProvider", {"device_id": int(self.device.partition(":")[2] or 0)}),
+                         "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(os.fspath(self.path), options, providers=providers)
+        inp = self.session.get_inputs()[0]
+        self.precision = "fp16" if inp.type == "tensor(float16)" else "fp32"
+
+    def _specs(self, values) -> list[TensorSpec]:
+        return [TensorSpec(v.name, tuple(v.shape), _ORT_TYPES.get(v.type, v.type)) for v in values]
+
+    def metadata(self) -> RunnerMetadata:
+        if self.session is None:
+            raise RuntimeError(f"{self.name}: call load() first")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        return RunnerMetadata(self._specs(self.session.get_inputs()), self._specs(self.session.get_outputs()),
+                              {"path": os.fspath(self.path), "providers": self.session.get_providers(), **meta})
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        names = [o.name for o in self.session.get_outputs()]
+        outs = self.session.run(names, dict(feed))
+        self.last_timing = Timing(compute_ms=(time.perf_counter() - start) * 1e3)
+        return {n: o.astype(np.float32, copy=False) for n, o in zip(names, outs)}
+
+    def close(self) -> None:
+        self.session = None
+        super().close()
