@@ -33,6 +33,11 @@ __all__ = [
 # helpers
 # --------------------------------------------------------------------------------------------
 
+# Largest decay mask (elements) the eager decomposed H pass materialises per stage and resolution
+# (4 MiB of fp32 covers 224x224 inputs); larger grids run that pass one head at a time instead.
+_MAX_MASK_ELEMENTS = 1 << 20
+
+
 def _is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
@@ -128,13 +133,50 @@ class ManhattanSelfAttention(nn.Module):
         b, h, w, _ = x.shape
         return x.reshape(b, h, w, self.num_heads, self.head_dim).permute(0, 3, 1, 2, 4)
 
-    def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         b, h, w, c = x.shape
-        cos, sin = tables[0], tables[1]
         q, q_rot, k, k_rot, v = _tokens_linear(self.qkv, x).split(c, dim=-1)
+        lepe = self.lepe(v)
+        if _is_tracing():
+            out = self._attend_explicit(q, q_rot, k, k_rot, v, tables)
+        else:
+            out = self._attend_sdpa(q, q_rot, k, k_rot, v, tables)
+        return _tokens_linear(self.out_proj, out + lepe)
+
+    def _attend_sdpa(self, q, q_rot, k, k_rot, v, tables):
+        """Eager path: fused SDPA kernels on strided head views of the (B, H, W, C) tensors, so no
+        head-major copies and no materialised logits; every output is contiguous (B, H, W, C)."""
+        b, h, w, c = v.shape
+        n, d = self.num_heads, self.head_dim
+        cos, sin = tables[0], tables[1]
+        q = torch.addcmul(q * cos, q_rot, sin)
+        k = torch.addcmul(k * cos, k_rot, sin)
+        if not self.decomposed:     # heads (B, n, HW, d) are views; the mask is (1, n, HW, HW)
+            qh, kh, vh = (t.reshape(b, h * w, n, d).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=tables[2].unsqueeze(0), scale=1.0)
+            return out.transpose(1, 2).reshape(b, h, w, c)
+        bias_w, bias_h, mask_h = tables[2], tables[3], tables[4]
+        # along W: batch (B*H), heads n, sequence W
+        qh, kh, vh = (t.reshape(b * h, w, n, d).transpose(1, 2) for t in (q, k, v))
+        v = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_w.reshape(1, n, w, w), scale=1.0)
+        v = v.transpose(1, 2).reshape(b, h, w, c)
+        if mask_h is not None:      # along H: batch B, "heads" (W, n) merged (stride d), sequence H
+            qh, kh, vh = (t.reshape(b, h, w * n, d).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask_h, scale=1.0)
+            return out.transpose(1, 2).reshape(b, h, w, c)
+        outs = []                   # large grids: one call per head (heads = W), no big mask
+        for i in range(n):
+            s = slice(i * d, (i + 1) * d)
+            qh, kh, vh = (t[..., s].transpose(1, 2) for t in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_h[i], scale=1.0).transpose(1, 2))
+        return torch.cat(outs, dim=-1)
+
+    def _attend_explicit(self, q, q_rot, k, k_rot, v, tables):
+        """Traced path (export / ONNX): explicit matmul -> + decay bias -> softmax -> matmul."""
+        b, h, w, c = v.shape
+        cos, sin = tables[0], tables[1]
         q = self._heads(q * cos + q_rot * sin)
         k = self._heads(k * cos + k_rot * sin)
-        lepe = self.lepe(v)
         vh = self._heads(v)
         if self.decomposed:
             bias_w, bias_h = tables[2], tables[3]
@@ -147,8 +189,7 @@ class ManhattanSelfAttention(nn.Module):
             q, k, vh = q.flatten(2, 3), k.flatten(2, 3), vh.flatten(2, 3)
             attn = torch.softmax(q @ k.transpose(-1, -2) + tables[2], dim=-1)
             out = (attn @ vh).transpose(1, 2)                                # (B, HW, n, d)
-        out = out.reshape(b, h, w, c) + lepe
-        return _tokens_linear(self.out_proj, out)
+        return out.reshape(b, h, w, c)
 
 
 class FeedForward(nn.Module):
@@ -226,8 +267,9 @@ class RelPos(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(cos, sin) of shape (H, W, C), then the decay bias: (n, 1, W, W) and (n, 1, H, H) for
-        decomposed stages, (n, HW, HW) for full ones."""
+        """(cos, sin) of shape (H, W, C), then the decay bias: (n, 1, W, W), (n, 1, H, H) and (eager
+        only, None when large or tracing) the H-pass SDPA mask (1, W*n, H, H) for decomposed
+        stages, (n, HW, HW) for full ones."""
         if _is_tracing() and not isinstance(h, torch.SymInt) and not isinstance(w, torch.SymInt):
             key = (h, w, dtype, self.decay.device)
             if key in self._cache:      # a fixed-size export: bake the cached tables in as constants
@@ -236,7 +278,8 @@ class RelPos(nn.Module):
             return self._build(h, w, dtype)
         key = (h, w, dtype, self.decay.device)
         if key not in self._cache:
-            with torch.no_grad():
+            # normal (not inference-mode) tensors, so a later export can trace them as constants
+            with torch.inference_mode(False), torch.no_grad():
                 self._cache[key] = self._build(h, w, dtype)
         return self._cache[key]
 
@@ -251,7 +294,11 @@ class RelPos(nn.Module):
         if self.decomposed:
             bias_w = (dist_w * decay[:, None, None]).unsqueeze(1).to(dtype)
             bias_h = (dist_h * decay[:, None, None]).unsqueeze(1).to(dtype)
-            return cos, sin, bias_w, bias_h
+            mask_h = None
+            if not _is_tracing() and w * self.num_heads * h * h <= _MAX_MASK_ELEMENTS:
+                n = self.num_heads      # H-pass mask for the eager SDPA path: "heads" are (W, n)
+                mask_h = bias_h.reshape(1, n, h, h).expand(w, n, h, h).reshape(1, w * n, h, h)
+            return cos, sin, bias_w, bias_h, mask_h
         dist = (dist_h[:, None, :, None] + dist_w[None, :, None, :]).reshape(h * w, h * w)
         return cos, sin, (dist * decay[:, None, None]).to(dtype)
 

@@ -1,0 +1,73 @@
+"""ONNX files and TensorRT engines exported on the fly into a cache, keyed by everything that
+changes their contents, so a rerun reuses them and a code or weight change never does."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from rmt_deploy.runners import RunnerUnavailable
+
+DEFAULT_CACHE = Path(".rmt_cache")
+
+
+def _source_digest(*modules) -> str:
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def model_key(model) -> str:
+    """Config + weights identity (checkpoint sha256, or the fixed seed of random weights)."""
+    weights = (model.checkpoint or {}).get("sha256") or f"random-seed{getattr(model, 'seed', 0)}"
+    blob = json.dumps({"config": asdict(model.config), "weights": weights}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ArtifactCache:
+    def __init__(self, root: str | Path = DEFAULT_CACHE):
+        self.root = Path(root)
+
+    def onnx(self, model, *, batch_size: int, size: int, fp16: bool = False) -> Path:
+        """A static-shape ONNX file of ``model`` (static shapes give the runtimes the most to fuse)."""
+        try:
+            from rmt_deploy import model as model_module
+            from rmt_deploy.exporters import onnx_export
+        except ImportError as exc:
+            raise RunnerUnavailable(f"the ONNX exporter cannot be imported: {exc}") from exc
+        tag = _source_digest(model_module, onnx_export)
+        path = self.root / f"{model.config.name}-{model_key(model)}-{tag}-b{batch_size}-{size}-{'fp16' if fp16 else 'fp32'}.onnx"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".partial.onnx")
+            onnx_export.export_onnx(model, tmp, batch_size=batch_size, height=size, width=size, fp16=fp16)
+            tmp.replace(path)
+        return path
+
+    def engine(self, onnx_path: Path, *, batch_size: int, size: int, fp16: bool, device: str) -> Path:
+        """A TensorRT engine of ``onnx_path`` (the ONNX of the same precision: TensorRT 11 takes
+        FP16 from the graph) for exactly this batch (min = opt = max). The builder writes the
+        engine and its sidecar atomically; the sidecar records the GPU, so key by it too."""
+        from rmt_deploy.exporters import tensorrt_build
+        gpu = tensorrt_build.current_gpu(device)["gpu_name"].replace(" ", "_")
+        path = onnx_path.with_name(f"{onnx_path.stem}-{gpu}-trt-{'fp16' if fp16 else 'fp32'}.engine")
+        if not path.is_file():
+            shape = (batch_size, 3, size, size)
+            tensorrt_build.build_engine(onnx_path, path, fp16=fp16, min_shape=shape, opt_shape=shape, max_shape=shape,
+                                        device=device)
+        return path
+
+
+def tensorrt_unavailable_reason(device: str) -> str | None:
+    """Why TensorRT cannot run here, or None when it can."""
+    try:
+        from rmt_deploy.exporters.tensorrt_build import tensorrt_available
+    except ImportError as exc:
+        return f"the TensorRT builder cannot be imported: {exc}"
+    if not device.startswith("cuda"):
+        ok, reason = tensorrt_available()
+        return f"TensorRT runs on CUDA devices only (--device {device}){'' if ok else '; also ' + reason}"
+    ok, reason = tensorrt_available(device)
+    return None if ok else reason

@@ -1,0 +1,260 @@
+"""The throughput/latency benchmark: every (model, backend, precision, batch) through the same
+runner objects the server and the parity gate use, warm-up excluded, medians over repeats."""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmt_deploy import VARIANTS, create_model
+from rmt_deploy.flops import count_macs, count_params
+from rmt_deploy.model import RMTConfig
+from rmt_deploy.runners import INPUT_NAME, RunnerUnavailable, open_runner
+
+from .artifacts import ArtifactCache, tensorrt_unavailable_reason
+from .machine import machine_info, matmul_peak
+
+SEED = 0          # random weights (no checkpoint) are seeded so exported files match the eager model
+
+
+@dataclass
+class Settings:
+    device: str = "cpu"
+    img_size: int = 224
+    warmup: int = 5
+    iters: int | None = 20            # timed calls per repeat, or
+    duration: float | None = None     # seconds per repeat
+    repeats: int = 3
+    threads: int | None = None
+
+
+def parse_models(spec) -> list:
+    """``--model``: variant names and/or config JSON paths, comma-separated; inline JSON; a dict."""
+    if isinstance(spec, (dict, RMTConfig)):
+        return [spec]
+    if isinstance(spec, (list, tuple)):
+        return [m for s in spec for m in parse_models(s)]
+    spec = spec.strip()
+    if spec.startswith("{"):
+        return [json.loads(spec)]
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def load_model(spec, checkpoint: str | None = None):
+    """Fused eval model; a config's name is its JSON file's stem unless it names itself."""
+    if isinstance(spec, str) and spec not in VARIANTS and spec != "auto":
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"--model {spec!r} is neither a variant ({', '.join(VARIANTS)}) nor a config JSON file")
+        spec = {"name": path.stem, **json.loads(path.read_text())}
+    if isinstance(spec, dict):
+        spec = RMTConfig.from_dict(spec)
+    torch.manual_seed(SEED)
+    return create_model(spec, checkpoint=checkpoint)
+
+
+def _reset_peak_rss() -> bool:
+    """Linux resets the process's peak RSS (VmHWM) when 5 is written to clear_refs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Memory:
+    """Peak memory of a run: process RSS on CPU; on CUDA torch's peak reservation for the torch
+    backends, device memory in use (cudaMemGetInfo) above the pre-load baseline for the others."""
+
+    def __init__(self, device: str, backend: str):
+        self.cuda = device.startswith("cuda") and torch.cuda.is_available()
+        self.torch = backend in ("eager", "compile")
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            free, total = torch.cuda.mem_get_info()
+            self.baseline = total - free
+            self.kind = "cuda max_memory_reserved" if self.torch else "cuda memory in use after the run above the pre-load baseline"
+        else:
+            exact = _reset_peak_rss()
+            self.kind = "process peak RSS (VmHWM) since load" if exact else "process peak RSS over its lifetime"
+
+    def peak_mb(self) -> float:
+        if not self.cuda:
+            return _peak_rss_mb()
+        torch.cuda.synchronize()
+        if self.torch:
+            return torch.cuda.max_memory_reserved() / 2**20
+        free, total = torch.cuda.mem_get_info()
+        return (total - free - self.baseline) / 2**20
+
+
+def open_backend(backend: str, model, precision: str, batch: int, settings: Settings, cache: ArtifactCache,
+          onnx: str | None, engine: str | None):
+    if backend in ("eager", "compile"):
+        if backend == "compile":
+            torch._dynamo.reset()          # a fresh compile cache: no recompile limit carried over
+        # each runner casts/moves its own copy, leaving the shared model fp32 on CPU for exporting
+        return open_runner(backend, model=copy.deepcopy(model), device=settings.device, precision=precision), None
+    if backend == "onnxruntime":
+        path = Path(onnx) if onnx else cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=precision == "fp16")
+        return open_runner("onnxruntime", onnx=path, device=settings.device, threads=settings.threads), path
+    if backend == "tensorrt":
+        reason = tensorrt_unavailable_reason(settings.device)
+        if reason:
+            raise RunnerUnavailable(reason)
+        fp16 = precision == "fp16"
+        path = Path(engine) if engine else cache.engine(
+            cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=fp16), batch_size=batch,
+            size=settings.img_size, fp16=fp16, device=settings.device)
+        return open_runner("tensorrt", engine=path, device=settings.device, precision=precision), path
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def measure(runner, batch: int, settings: Settings, advance=lambda n=1: None) -> dict:
+    """Time ``runner.infer`` on one fixed random batch: per-call latencies and per-repeat throughput."""
+    feed = {INPUT_NAME: np.random.default_rng(SEED).standard_normal((batch, 3, settings.img_size, settings.img_size),
+                                                                      dtype=np.float32)}
+    finite = True
+    for _ in range(settings.warmup):
+        outputs = runner.infer(feed)
+        finite = finite and all(np.isfinite(o).all() for o in outputs.values())
+        advance()
+    latencies, splits, throughputs = [], [], []
+    for _ in range(settings.repeats):
+        calls, start = 0, time.perf_counter()
+        while (calls < settings.iters) if settings.iters else (time.perf_counter() - start < settings.duration):
+            t0 = time.perf_counter()
+            runner.infer(feed)
+            latencies.append((time.perf_counter() - t0) * 1e3)
+            splits.append(runner.last_timing)
+            calls += 1
+            advance()
+        throughputs.append(batch * calls / (time.perf_counter() - start))
+    lat = np.asarray(latencies)
+    result = {
+        "images_per_s": statistics.median(throughputs),
+        "images_per_s_repeats": throughputs,
+        "latency_ms": {"mean": float(lat.mean()), "p50": float(np.percentile(lat, 50)),
+                       "p90": float(np.percentile(lat, 90)), "p99": float(np.percentile(lat, 99)),
+                       "min": float(lat.min()), "max": float(lat.max())},
+        "timed_calls": len(latencies),
+        "outputs_finite": bool(finite),
+    }
+    if settings.device.startswith("cuda") and all(s is not None for s in splits):
+        result["split_ms"] = {k: statistics.median(getattr(s, k) for s in splits) for k in ("h2d_ms", "compute_ms", "d2h_ms")}
+    return result
+
+
+def _peaks(settings: Settings, precisions) -> dict:
+    peaks = {}
+    for precision in precisions:
+        try:
+            peaks[precision] = matmul_peak(settings.device, precision)
+        except (RuntimeError, AssertionError) as exc:    # no CUDA, or no kernel for this dtype
+            peaks[precision] = {"device": settings.device, "precision": precision, "error": str(exc)}
+    return peaks
+
+
+def run_benchmark(models, backends, precisions=("fp32",), batch_sizes=(1, 8), settings: Settings | None = None, *,
+                  checkpoint: str | None = None, cache: ArtifactCache | None = None, onnx: str | None = None,
+                  engine: str | None = None, progress=None) -> dict:
+    """Measure every combination; returns ``{"machine", "models", "settings", "results"}`` (JSON-ready).
+
+    ``progress`` is a rich Progress (or None). Backends that cannot run here stay in the results
+    with ``"skipped": reason``; a backend that fails while running is recorded the same way.
+    """
+    settings = settings or Settings()
+    cache = cache or ArtifactCache()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    models = parse_models(models)
+    if checkpoint and len(models) > 1:
+        raise ValueError("--checkpoint applies to one model; give a single --model")
+    machine = machine_info(settings.device)
+    machine["matmul_peak"] = _peaks(settings, precisions)
+    results, described = [], {}
+    for spec in models:
+        model = load_model(spec, checkpoint)
+        macs = count_macs(model.config, settings.img_size, settings.img_size)["total"]
+        described[model.config.name] = {"config": asdict(model.config), "checkpoint": model.checkpoint,
+                                        "params": count_params(model.config), "macs_per_image": macs}
+        for precision in precisions:
+            for batch in batch_sizes:
+                for backend in backends:
+                    entry = {"model": model.config.name, "backend": backend, "precision": precision,
+                             "batch_size": batch, "device": settings.device, "img_size": settings.img_size}
+                    results.append(entry)
+                    entry.update(_run_one(backend, model, precision, batch, settings, cache, onnx, engine, macs,
+                                          machine["matmul_peak"].get(precision, {}), progress))
+                    gc.collect()
+        del model
+    _speedups(results)
+    machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"machine": machine, "models": described, "settings": {**settings.__dict__, "backends": list(backends),
+                                             "precisions": list(precisions), "batch_sizes": list(batch_sizes),
+                                             "checkpoint": checkpoint, "cache": str(cache.root)},
+            "results": results}
+
+
+def _run_one(backend, model, precision, batch, settings, cache, onnx, engine, macs, peak, progress) -> dict:
+    label = f"{model.config.name} {backend} {precision} b{batch}"
+    total = settings.warmup + (settings.repeats * settings.iters if settings.iters else 0)
+    task = progress.add_task(label + " (preparing)", total=total or None) if progress else None
+    advance = (lambda n=1: progress.advance(task, n)) if progress else (lambda n=1: None)
+    runner = None
+    try:
+        runner, artifact = open_backend(backend, model, precision, batch, settings, cache, onnx, engine)
+        memory = _Memory(settings.device, backend)
+        runner.load()
+        if backend == "onnxruntime" and runner.precision != precision:     # a --onnx file decides its own
+            raise RunnerUnavailable(f"{artifact} runs in {runner.precision}, not {precision}")
+        if progress:
+            progress.update(task, description=label)
+        out = measure(runner, batch, settings, advance)
+        out["peak_memory_mb"] = memory.peak_mb()
+        out["peak_memory_kind"] = memory.kind
+        out["runner"] = runner.name
+        out["artifact"] = str(artifact) if artifact else None
+    except RunnerUnavailable as exc:
+        out = {"skipped": str(exc)}
+    except Exception as exc:  # noqa: BLE001 -- a failing backend is a result to report, not a crash
+        out = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
+    finally:
+        if runner is not None:
+            runner.close()
+        if progress:
+            progress.remove_task(task)
+    if "skipped" not in out:
+        out["macs_per_image"] = macs
+        out["gflops"] = 2 * macs * out["images_per_s"] / 1e9
+        out["peak_fraction"] = out["gflops"] / peak["gflops"] if "gflops" in peak else None
+    return out
+
+
+def _speedups(results: list[dict]) -> None:
+    base = {(r["model"], r["batch_size"]): r["images_per_s"] for r in results
+            if r["backend"] == "eager" and r["precision"] == "fp32" and "skipped" not in r}
+    for r in results:
+        if "skipped" not in r:
+            ref = base.get((r["model"], r["batch_size"]))
+            r["speedup_vs_eager_fp32"] = r["images_per_s"] / ref if ref else None

@@ -1,0 +1,155 @@
+"""``rmt-bench``: throughput/latency per backend, precision and batch (default), ``accuracy`` on a
+labelled folder, ``serve`` for the load benchmark of a running server."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """rmt-bench [options]            throughput and latency (see below)
+       rmt-bench accuracy --data DIR  top-1/top-5 per backend and precision
+       rmt-bench serve ...            load benchmark of a running server (rmt-bench serve -h)"""
+
+
+def _csv(kind=str):
+    return lambda text: [kind(t) for t in text.split(",") if t.strip()]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="rmt_t",
+                        help="variant names and/or config JSON paths, comma-separated (or inline JSON)")
+    parser.add_argument("--checkpoint", help="released checkpoint (any format rmt_deploy reads); one model only")
+    parser.add_argument("--backends", type=_csv(), default=["eager", "onnxruntime"],
+                        help="comma-separated: eager, compile, onnxruntime, tensorrt")
+    parser.add_argument("--precision", type=_csv(), default=["fp32"], help="comma-separated: fp32, fp16")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: theirs)")
+    parser.add_argument("--cache-dir", default=".rmt_cache", help="where exported ONNX files and engines are kept")
+    parser.add_argument("--json", help="write the full report as JSON")
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmt-bench", usage=USAGE, description=__doc__)
+    _common(parser)
+    parser.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 64])
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before measuring")
+    timed = parser.add_mutually_exclusive_group()
+    timed.add_argument("--iters", type=int, help="timed calls per repeat (default 20)")
+    timed.add_argument("--duration", type=float, help="seconds per repeat instead of --iters")
+    parser.add_argument("--repeats", type=int, default=3, help="images/s is the median over these")
+    parser.add_argument("--onnx", help="benchmark this ONNX file instead of exporting one")
+    parser.add_argument("--engine", help="benchmark this TensorRT engine instead of building one")
+    parser.add_argument("--csv", help="write one row per result")
+    parser.add_argument("--plot", help="write a PNG of images/s against batch size")
+    parser.add_argument("--paper-table", action="store_true", help="also print the paper's Table 9 format")
+    return parser
+
+
+def accuracy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmt-bench accuracy", description=accuracy_main.__doc__)
+    _common(parser)
+    parser.add_argument("--data", required=True, help="ImageFolder-style directory (class sub-folders)")
+    parser.add_argument("--labels", help="labels file of 'relative/path label' lines instead of sub-folders")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, help="only the first N images")
+    return parser
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def _console():
+    """Wide enough for the tables when stdout is a file or pipe (rich would assume 80 columns)."""
+    from rich.console import Console
+    return Console() if sys.stdout.isatty() else Console(width=220)
+
+
+def bench_main(argv: list[str]) -> int:
+    from rich.console import Console
+
+    from . import report as rpt
+    from .artifacts import ArtifactCache
+    from .bench import Settings, run_benchmark
+
+    args = bench_parser().parse_args(argv)
+    settings = Settings(device=args.device, img_size=args.img_size, warmup=args.warmup,
+                        iters=None if args.duration else (args.iters or 20), duration=args.duration,
+                        repeats=args.repeats, threads=args.threads)
+    console = _console()
+    with _progress(Console(stderr=True)) as progress:
+        result = run_benchmark(args.model, args.backends, args.precision, args.batch_sizes, settings,
+                               checkpoint=args.checkpoint, cache=ArtifactCache(args.cache_dir), onnx=args.onnx,
+                               engine=args.engine, progress=progress)
+    if args.paper_table:
+        result["paper_table"] = rpt.paper_table(result)
+    rpt.print_report(result, console)
+    for path, write in ((args.json, rpt.write_json), (args.csv, rpt.write_csv), (args.plot, rpt.write_plot)):
+        if path:
+            write(result, path)
+            console.print(f"wrote {path}")
+    return 0
+
+
+def accuracy_main(argv: list[str]) -> int:
+    """Top-1/top-5 of each backend and precision on a labelled image folder."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .accuracy import run_accuracy
+    from .artifacts import ArtifactCache
+    from .bench import Settings, parse_models
+
+    args = accuracy_parser().parse_args(argv)
+    models = parse_models(args.model)
+    if len(models) != 1:
+        raise SystemExit("rmt-bench accuracy: give one --model")
+    console = _console()
+    with _progress(Console(stderr=True)) as progress:
+        result = run_accuracy(args.data, models[0], args.backends, args.precision, batch_size=args.batch_size,
+                              settings=Settings(device=args.device, img_size=args.img_size, threads=args.threads),
+                              checkpoint=args.checkpoint, labels_file=args.labels, limit=args.limit,
+                              cache=ArtifactCache(args.cache_dir), progress=progress)
+    k = result["topk"]
+    table = Table(title=f"{result['model']} accuracy on {result['data']} ({result['img_size']}px)")
+    for col in ("backend", "precision", "images", "top-1", f"top-{k}", "top-1 agreement"):
+        table.add_column(col)
+    for r in result["results"]:
+        if "skipped" in r:
+            table.add_row(r["backend"], r["precision"], f"[yellow]skipped: {r['skipped']}[/yellow]")
+        else:
+            table.add_row(r["backend"], r["precision"], str(r["images"]), f"{100 * r['top1']:.2f}%",
+                          f"{100 * r[f'top{k}']:.2f}%", f"{100 * r['top1_agreement']:.2f}% vs {r['agreement_reference']}")
+    console.print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    return 0
+
+
+def serve_main(argv: list[str]) -> int:
+    try:
+        from .serve import main
+    except ModuleNotFoundError as exc:
+        if exc.name != "rmt_deploy.benchmarks.serve":
+            raise
+        print("rmt-bench serve: the load benchmark (rmt_deploy.benchmarks.serve) is not installed yet", file=sys.stderr)
+        return 2
+    return main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "serve":
+        return serve_main(argv[1:])
+    if argv and argv[0] == "accuracy":
+        return accuracy_main(argv[1:])
+    return bench_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""``rmt-bench serve``: load-test rmt-serve over real HTTP and compare with the offline runner.
+
+Starts a server on loopback (or targets ``--url``), sweeps client concurrency with an async httpx
+client posting JPEGs to /classify, and reports throughput, latency percentiles, errors and the
+server's resident-memory growth. The offline runner throughput at the server's max batch size is
+measured in the same run, before the server starts and again after it stops (so the two never
+share the CPU, and a drifting background load shows up as a before/after gap), to give the
+server/offline ratio. Every request loop is bounded by a request count and a time limit.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import httpx
+import numpy as np
+import psutil
+from PIL import Image
+
+from rmt_deploy.preprocess import decode_image, preprocess
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    throughput: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rmt-bench serve", description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="target a running server instead of starting one")
+    p.add_argument("--model", default="rmt_t")
+    p.add_argument("--checkpoint")
+    p.add_argument("--backend", default="eager", choices=["eager", "compile", "onnxruntime", "tensorrt"])
+    p.add_argument("--onnx")
+    p.add_argument("--engine")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="inference threads, server and offline alike")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-delay-ms", type=float, default=5.0)
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated sweep")
+    p.add_argument("--requests", type=int, default=2000, help="requests at the highest concurrency; lower levels "
+                                                              "send proportionally fewer (at least 50)")
+    p.add_argument("--level-time-limit-s", type=float, default=600.0, help="stop a level after this long")
+    p.add_argument("--offline-seconds", type=float, default=20.0)
+    p.add_argument("--api-key", help="bearer token when the server has RMT_API_KEY")
+    p.add_argument("--json", help="write the results here")
+    return p.parse_args(argv)
+
+
+def sample_jpegs(count: int = 16) -> list[bytes]:
+    """Photo-sized JPEGs with different content (decoded and resized by the server, as in production)."""
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(count):
+        small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        buffer = io.BytesIO()
+        small.resize((320, 240), Image.BICUBIC).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def offline_throughput(args, images: list[bytes]) -> float:
+    """Images/s of the bare runner on batches of --max-batch-size preprocessed images."""
+    import torch
+
+    from rmt_deploy import create_model
+    from rmt_deploy.runners import INPUT_NAME, open_runner
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = None
+    if args.backend in ("eager", "compile"):
+        model = create_model(args.model, checkpoint=args.checkpoint)
+    runner = open_runner(args.backend, model=model, onnx=args.onnx, engine=args.engine, device=args.device,
+                         threads=args.threads).load()
+    batch = np.stack([preprocess(decode_image(images[i % len(images)])) for i in range(args.max_batch_size)])
+    try:
+        runner.infer({INPUT_NAME: batch})
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.offline_seconds or runs < 3:
+            runner.infer({INPUT_NAME: batch})
+            runs += 1
+        return runs * len(batch) / (time.perf_counter() - start)
+    finally:
+        runner.close()
+
+
+def server_command(args, port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "rmt_deploy.server.cli", "--host", "127.0.0.1", "--port", str(port),
+           "--backend", args.backend, "--model", args.model, "--device", args.device,
+           "--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms),
+           "--max-queue-size", "1024", "--log-level", "warning"]
+    for flag, value in (("--checkpoint", args.checkpoint), ("--onnx", args.onnx), ("--engine", args.engine),
+                        ("--threads", args.threads)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server at {url} not ready within {timeout} s")
+
+
+async def run_level(url: str, images: list[bytes], concurrency: int, total: int, time_limit: float,
+                    headers: dict[str, str]) -> LevelResult:
+    latencies, errors = [], 0
+    issued = 0
+    deadline = time.monotonic() + time_limit
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60, headers=headers) as client:
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < total and time.monotonic() < deadline:
+                data = images[issued % len(images)]
+                issued += 1
+                start = time.perf_counter()
+                try:
+                    response = await client.post("/classify", content=data, headers={"content-type": "image/jpeg"})
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append((time.perf_counter() - start) * 1e3)
+                errors += not ok
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
+    return LevelResult(concurrency, len(latencies), errors, seconds, len(latencies) / seconds, p50, p90, p99)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    images = sample_jpegs()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    offline_before = offline_throughput(args, images)
+    print(f"offline {args.backend} runner, batch {args.max_batch_size}: {offline_before:.1f} images/s")
+
+    process = None
+    url = args.url
+    if url is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        process = subprocess.Popen(server_command(args, port))
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        wait_ready(url, process)
+        asyncio.run(run_level(url, images, max(levels), 4 * max(levels), 120, headers))   # warm-up, not counted
+        server = psutil.Process(process.pid) if process else None
+        rss_start = server.memory_info().rss if server else None
+        results = []
+        for concurrency in levels:
+            total = max(50, args.requests * concurrency // max(levels))
+            result = asyncio.run(run_level(url, images, concurrency, total, args.level_time_limit_s, headers))
+            results.append(result)
+            print(f"concurrency {concurrency:>3}: {result.requests} requests, {result.errors} errors, "
+                  f"{result.throughput:.1f} req/s, p50 {result.p50_ms:.0f} ms, p90 {result.p90_ms:.0f} ms, "
+                  f"p99 {result.p99_ms:.0f} ms")
+        rss_growth_mb = (server.memory_info().rss - rss_start) / 2**20 if server else None
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(60)
+    offline_after = offline_throughput(args, images)
+    offline = (offline_before + offline_after) / 2
+    print(f"offline {args.backend} runner after the server run: {offline_after:.1f} images/s")
+
+    saturated = max(r.throughput for r in results)
+    ratio = saturated / offline
+    errors = sum(r.errors for r in results)
+    summary = {"levels": [asdict(r) for r in results], "offline_images_per_s": offline,
+               "offline_before_after": [offline_before, offline_after],
+               "server_saturation_req_per_s": saturated, "server_over_offline": ratio,
+               "errors": errors, "server_rss_growth_mb": rss_growth_mb,
+               "max_batch_size": args.max_batch_size, "model": args.model, "backend": args.backend}
+    print(f"saturation: {saturated:.1f} req/s = {ratio:.0%} of offline; errors {errors}; "
+          + (f"server RSS growth {rss_growth_mb:.1f} MB" if rss_growth_mb is not None else "RSS not measured (--url)"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

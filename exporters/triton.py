@@ -1,0 +1,51 @@
+"""A Triton Inference Server model repository for exported artifacts (one model per artifact)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+_PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
+_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+
+
+def _dims(shape: list, batched: bool) -> str:
+    dims = shape[1:] if batched else shape
+    return ", ".join(str(d) if isinstance(d, int) and d > 0 else "-1" for d in dims)
+
+
+def config_pbtxt(name: str, platform: str, inputs: list[dict], outputs: list[dict], max_batch: int,
+                 preferred_batch: list[int], max_queue_delay_us: int = 2000) -> str:
+    """config.pbtxt text; batch dimension implicit when ``max_batch`` > 0 (Triton's convention)."""
+    batched = max_batch > 0
+
+    def tensors(kind: str, specs: list[dict]) -> str:
+        items = [f'  {{\n    name: "{t["name"]}"\n    data_type: {_TYPES[t["dtype"]]}\n'
+                 f'    dims: [ {_dims(t["shape"], batched)} ]\n  }}' for t in specs]
+        return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
+
+    text = f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {max_batch}\n'
+    text += tensors("input", inputs) + tensors("output", outputs)
+    if batched:
+        preferred = ", ".join(str(b) for b in preferred_batch if b <= max_batch)
+        text += (f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
+                 f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n")
+    kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO"
+    return text + f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]\n"
+
+
+def write_triton_repo(repo: str | Path, export_dir: str | Path, manifest: dict) -> list[Path]:
+    """One Triton model per artifact in the manifest: ``<repo>/<model>_<format>_<precision>/``."""
+    repo, export_dir = Path(repo), Path(export_dir)
+    written = []
+    for art in manifest["artifacts"]:
+        platform, filename = _PLATFORMS[art["format"]]
+        name = f'{manifest["model"]}_{manifest["task"]}_{art["format"]}_{art["precision"]}'
+        max_batch = art.get("max_batch") or 0      # static-batch artifacts: full shapes, no batching
+        model_dir = repo / name
+        (model_dir / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(export_dir / art["path"], model_dir / "1" / filename)
+        preferred = sorted({b for b in (1, 4, 8, 16, 32, 64, max_batch) if 0 < b <= max_batch})
+        (model_dir / "config.pbtxt").write_text(
+            config_pbtxt(name, platform, art["inputs"], art["outputs"], max_batch, preferred))
+        written.append(model_dir)
+    return written

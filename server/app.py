@@ -1,0 +1,84 @@
+"""The FastAPI application: routers, error handling, metrics middleware, and the lifespan that
+loads and warms the model before the server reports ready and drains the batcher on shutdown."""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from rmt_deploy import __version__
+
+from .batcher import DynamicBatcher
+from .errors import ApiError, api_error_handler
+from .metrics import ServerMetrics
+from .model_host import load_served_model
+from .routers import classify, features, health, metrics, v2
+from .settings import ServeSettings
+from .state import ServerState
+
+
+class RequestMetricsMiddleware:
+    """Counts every response by route template (not raw path, so fuzzed URLs can't explode label
+    cardinality) and status, and times it."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status, started = 500, time.perf_counter()
+
+        async def send_with_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings: ServeSettings = app.state.settings
+    served = await asyncio.to_thread(load_served_model, settings)
+    if settings.warmup:
+        await asyncio.to_thread(served.warmup, settings.max_batch_size)
+    batcher = DynamicBatcher(served.runner, app.state.metrics, max_batch_size=settings.max_batch_size,
+                             max_delay_ms=settings.max_delay_ms, max_queue_size=settings.max_queue_size)
+    batcher.start()
+    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="rmt-decode")
+    state = ServerState(settings, app.state.metrics, served, batcher, decode_pool, ready=True)
+    app.state.server = state
+    try:
+        yield
+    finally:
+        state.ready = False
+        await batcher.drain(settings.graceful_timeout_s)
+        decode_pool.shutdown(wait=True)
+        served.runner.close()
+
+
+def create_app(settings: ServeSettings | None = None) -> FastAPI:
+    settings = settings or ServeSettings()
+    app = FastAPI(title="rmt-deploy", version=__version__, lifespan=lifespan,
+                  description="RMT image classification and backbone features; KServe v2 (Triton) compatible.")
+    app.state.settings, app.state.metrics = settings, ServerMetrics()
+    app.add_exception_handler(ApiError, api_error_handler)
+    for router in (classify.router, features.router, v2.router, health.router, metrics.router):
+        app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", v2.HEADER_LENGTH])
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,39 @@
+"""``rmt-serve``: flags (or RMT_* environment variables) -> settings -> uvicorn."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+from pydantic_settings import CliApp, SettingsError
+
+from rmt_deploy import CheckpointError
+from rmt_deploy.runners import RunnerUnavailable
+
+from .app import create_app
+from .model_host import load_served_model
+from .settings import ServeSettings
+
+log = logging.getLogger("rmt_deploy.server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = CliApp.run(ServeSettings, cli_args=sys.argv[1:] if argv is None else argv)
+    except (ValidationError, SettingsError) as exc:
+        print(f"rmt-serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        # Fail fast with a clean message (missing file, TensorRT absent, bad checkpoint) before binding.
+        load_served_model(settings).runner.close()
+    except (CheckpointError, RunnerUnavailable, ImportError, ValueError, OSError) as exc:
+        print(f"rmt-serve: cannot load the model: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.graceful_timeout_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

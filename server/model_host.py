@@ -1,0 +1,75 @@
+"""Turn settings into a loaded runner plus what the endpoints need to know about it (task, labels,
+strides, input size), whichever backend serves it: the routers never look at the backend."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rmt_deploy import create_model
+from rmt_deploy.labels import class_labels
+from rmt_deploy.runners import INPUT_NAME, Runner, open_runner
+
+from .settings import ServeSettings
+
+STAGE_STRIDES = (4, 8, 16, 32)
+
+
+@dataclass
+class ServedModel:
+    runner: Runner
+    name: str
+    task: str                       # "classify" | "features"
+    image_size: int
+    labels: list[str]
+    output_names: list[str]
+    output_channels: list[int]
+
+    @property
+    def strides(self) -> dict[str, int]:
+        return dict(zip(self.output_names, STAGE_STRIDES)) if self.task == "features" else {}
+
+    def warmup(self, batch_size: int) -> None:
+        """Run the largest batch once so first requests don't pay for allocation (and compile)."""
+        self.runner.infer({INPUT_NAME: np.zeros((batch_size, 3, self.image_size, self.image_size), np.float32)})
+
+
+def _model_spec(model: str):
+    """A variant name, 'auto', or a JSON config file (custom architectures)."""
+    path = Path(model)
+    if model.endswith(".json") and path.is_file():
+        return json.loads(path.read_text())
+    return model
+
+
+def load_served_model(settings: ServeSettings) -> ServedModel:
+    """Build and load the runner. Raises CheckpointError / RunnerUnavailable / ValueError for the CLI."""
+    if settings.backend in ("eager", "compile"):
+        if settings.threads:
+            import torch
+            torch.set_num_threads(settings.threads)
+        model = create_model(_model_spec(settings.model), checkpoint=settings.checkpoint and str(settings.checkpoint),
+                             features_only=settings.task == "features")
+        runner = open_runner(settings.backend, model=model, device=settings.device, precision=settings.precision)
+        runner.load()
+        task, size = settings.task, settings.image_size
+        name = settings.model_name or (model.config.name if model.config.name != "custom" else "rmt")
+        num_classes = model.config.num_classes
+        outputs, channels = list(model.output_names), (
+            [num_classes] if task == "classify" else list(model.stage_channels))
+    else:
+        runner = open_runner(settings.backend, onnx=settings.onnx, engine=settings.engine, device=settings.device,
+                             threads=settings.threads)
+        runner.load()
+        meta = runner.metadata()
+        extra = meta.extra
+        task = extra.get("rmt.task", "classify")
+        size = int(extra.get("rmt.height", settings.image_size))
+        name = settings.model_name or extra.get("rmt.model", "rmt")
+        outputs = [t.name for t in meta.outputs]
+        channels = [int(t.shape[1]) for t in meta.outputs]
+        num_classes = int(extra.get("rmt.num_classes", channels[0]))
+    labels = class_labels(num_classes) if task == "classify" else []
+    return ServedModel(runner, name, task, size, labels, outputs, channels)

@@ -1,0 +1,53 @@
+"""Every serving option in one place: ``rmt-serve --flag`` and ``RMT_FLAG`` environment variables
+both land here, so the CLI, the container and the tests configure the server the same way."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RMT_", cli_kebab_case=True, cli_prog_name="rmt-serve",
+                                      cli_implicit_flags=True, extra="ignore")
+
+    model: str = Field("rmt_t", description="variant name (rmt_t, rmt_s, ...), 'auto' (from the checkpoint) "
+                                            "or a JSON config file; eager/compile backends only")
+    checkpoint: Path | None = Field(None, description="released .pth checkpoint (random weights without one)")
+    task: Literal["classify", "features"] = Field("classify", description="eager/compile only: classification "
+                                                  "head or the four backbone stages (ONNX/TensorRT files say which)")
+    backend: Literal["eager", "compile", "onnxruntime", "tensorrt"] = "eager"
+    onnx: Path | None = Field(None, description="ONNX file for --backend onnxruntime")
+    engine: Path | None = Field(None, description="TensorRT engine for --backend tensorrt")
+    device: str = "cpu"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    threads: int | None = Field(None, ge=1, description="intra-op threads for inference")
+    image_size: int = Field(224, ge=32, le=1024, description="input resolution (the ONNX/engine file's own wins)")
+    model_name: str | None = Field(None, description="name in responses and /v2/models/{name}; default: variant")
+
+    host: str = Field("127.0.0.1", description="bind address; loopback unless told otherwise")
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch_size: int = Field(8, ge=1, le=256, description="largest batch the dynamic batcher forms")
+    max_delay_ms: float = Field(5.0, ge=0, le=1000, description="how long the first request waits for company")
+    max_queue_size: int = Field(64, ge=1, description="images waiting for inference before 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline before 504")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body limit (413)")
+    max_pixels: int = Field(40_000_000, ge=1024, description="decoded pixel limit against decompression bombs")
+    max_files: int = Field(16, ge=1, description="files per multipart /classify request")
+    decode_workers: int = Field(2, ge=1, description="threads that decode and preprocess images")
+    graceful_timeout_s: float = Field(30.0, ge=0, description="how long shutdown waits for in-flight requests")
+    warmup: bool = Field(True, description="run one batch before /readyz turns ready")
+    api_key: CliSuppress[SecretStr | None] = Field(None, description="bearer token for inference endpoints "
+                                                                    "(RMT_API_KEY; environment only)")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none: CORS off")
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _backend_has_its_file(self) -> "ServeSettings":
+        if self.backend == "onnxruntime" and self.onnx is None:
+            raise ValueError("--backend onnxruntime needs --onnx FILE")
+        if self.backend == "tensorrt" and self.engine is None:
+            raise ValueError("--backend tensorrt needs --engine FILE")
+        return self
