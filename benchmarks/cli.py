@@ -55,6 +55,16 @@ def accuracy_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    from rmt_deploy.runners import BACKENDS
+    args = parser.parse_args(argv)
+    for given, known, flag in ((args.backends, BACKENDS, "--backends"), (args.precision, ("fp32", "fp16"), "--precision")):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return args
+
+
 def _progress(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -74,7 +84,7 @@ def bench_main(argv: list[str]) -> int:
     from .artifacts import ArtifactCache
     from .bench import Settings, run_benchmark
 
-    args = bench_parser().parse_args(argv)
+    args = _parse(bench_parser(), argv)
     settings = Settings(device=args.device, img_size=args.img_size, warmup=args.warmup,
                         iters=None if args.duration else (args.iters or 20), duration=args.duration,
                         repeats=args.repeats, threads=args.threads)
@@ -104,7 +114,7 @@ def accuracy_main(argv: list[str]) -> int:
     from .artifacts import ArtifactCache
     from .bench import Settings, parse_models
 
-    args = accuracy_parser().parse_args(argv)
+    args = _parse(accuracy_parser(), argv)
     models = parse_models(args.model)
     if len(models) != 1:
         raise SystemExit("rmt-bench accuracy: give one --model")

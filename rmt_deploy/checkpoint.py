@@ -168,29 +168,38 @@ def looks_like(state_dict: dict[str, torch.Tensor]) -> str:
     try:
         cfg = infer_config(state_dict)
     except CheckpointError as exc:
-        return f"no released variant ({exc})"
+        return str(exc).split(";")[0].replace("the checkpoint matches ", "")
     return cfg.name
 
 
 # ---- strict loading -------------------------------------------------------------------------
 
+def _span(idx: list[int]) -> str:
+    if len(idx) == 1:
+        return str(idx[0])
+    return f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ",".join(map(str, idx))
+
+
 def group_keys(keys, limit: int = 12) -> str:
-    """``layers.2.blocks.0..7.ffn.fc1.weight``-style summary of many keys."""
-    groups: dict[str, list[int]] = defaultdict(list)
+    """``layers.2.blocks.2..7.* (19 keys each)``-style summary of many keys."""
+    by_suffix: dict[tuple[str, str], list[int]] = defaultdict(list)
+    plain = []
     for key in keys:
-        m = re.match(r"(.*\.blocks\.)(\d+)(\..*)", key)
+        m = re.match(r"(.*\.blocks\.)(\d+)\.(.*)", key)
         if m:
-            groups[m.group(1) + "{}" + m.group(3)].append(int(m.group(2)))
+            by_suffix[(m.group(1), m.group(3))].append(int(m.group(2)))
         else:
-            groups[key] = []
-    lines = []
-    for pattern, idx in sorted(groups.items()):
-        if idx:
-            idx.sort()
-            span = str(idx[0]) if len(idx) == 1 else (f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ",".join(map(str, idx)))
-            lines.append(pattern.format(span))
+            plain.append(key)
+    by_blocks: dict[tuple[str, tuple[int, ...]], list[str]] = defaultdict(list)
+    for (prefix, suffix), idx in by_suffix.items():
+        by_blocks[(prefix, tuple(sorted(idx)))].append(suffix)
+    lines = sorted(plain)
+    for (prefix, idx), suffixes in sorted(by_blocks.items()):
+        span = _span(list(idx))
+        if len(suffixes) > 3:
+            lines.append(f"{prefix}{span}.* ({len(suffixes)} keys each)")
         else:
-            lines.append(pattern)
+            lines += [f"{prefix}{span}.{suffix}" for suffix in sorted(suffixes)]
     more = f"\n    ... and {len(lines) - limit} more groups" if len(lines) > limit else ""
     return "\n".join(f"    {line}" for line in lines[:limit]) + more
 

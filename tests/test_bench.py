@@ -204,3 +204,15 @@ def test_labels_file(tmp_path):
     (tmp_path / "labels.txt").write_text("x.png 3\nsub/y.jpg,7\n\n")
     paths, labels = labelled_images(tmp_path, tmp_path / "labels.txt")
     assert paths == [tmp_path / "x.png", tmp_path / "sub" / "y.jpg"] and list(labels) == [3, 7]
+
+
+def test_serve_subcommand_dispatches(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--help"])
+    assert exc.value.code == 0 and "usage: rmt-bench serve" in capsys.readouterr().out
+
+
+def test_unknown_backend_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["--backends", "eager,tensorrtt"])
+    assert "unknown tensorrtt" in capsys.readouterr().err

@@ -1,0 +1,205 @@
+"""ONNX export, FP16, the parity gate, the manifest and the Triton repository."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import TINY_CONFIG
+from PIL import Image
+
+from rmt_deploy import create_model
+from rmt_deploy.exporters import cli
+from rmt_deploy.exporters.onnx_export import TABLE_REBUILD_OPS, export_onnx, graph_ops, write_fp16
+from rmt_deploy.parity import Tolerance, ValueMismatchError, check_parity, compare
+from rmt_deploy.runners import open_runner
+
+
+def trt_supported_ops() -> set[str]:
+    text = resources.files("rmt_deploy.exporters").joinpath("tensorrt_onnx_ops.txt").read_text()
+    return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+
+
+def eager_vs_onnx(model, path, shapes, tolerance):
+    eager = open_runner("eager", model=model).load()
+    ort = open_runner("onnxruntime", onnx=path).load()
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    return check_parity(eager, ort, batches, tolerance)
+
+
+@pytest.fixture(scope="module")
+def tiny_static(tmp_path_factory, tiny_model):
+    path = export_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx", height=64, width=96)
+    return tiny_model, path
+
+
+def test_static_export_bakes_tables_and_matches_eager(tiny_static):
+    model, path = tiny_static
+    ops = graph_ops(onnx.load(str(path)))
+    assert not TABLE_REBUILD_OPS & set(ops), f"tables rebuilt at run time: {ops}"
+    assert ops["LayerNormalization"] == 2 * sum(TINY_CONFIG["depths"]), "LayerNorm must stay one node"
+    report = eager_vs_onnx(model, path, [(1, 3, 64, 96)] * 3, Tolerance())
+    report.raise_for_failure()
+    assert report.summary()["max_rel"] <= 1e-4
+
+
+def test_graph_uses_only_tensorrt_parser_ops(tiny_static, tmp_path, tiny_checkpoint):
+    supported = trt_supported_ops()
+    feats = create_model(TINY_CONFIG, checkpoint=str(tiny_checkpoint), features_only=True)
+    dyn = export_onnx(feats, tmp_path / "f.onnx", dynamic_batch=True, height=64, width=64, dynamic_hw=True)
+    fp16 = write_fp16(tiny_static[1], tmp_path / "h.onnx")
+    for path in (tiny_static[1], dyn, fp16):
+        unsupported = set(graph_ops(onnx.load(str(path)))) - supported
+        assert not unsupported, f"{path.name}: ops TensorRT's parser lacks: {unsupported}"
+
+
+def test_dynamic_hw_features_export(tmp_path, tiny_checkpoint):
+    model = create_model(TINY_CONFIG, checkpoint=str(tiny_checkpoint), features_only=True)
+    path = export_onnx(model, tmp_path / "feat.onnx", dynamic_batch=True, height=64, width=64, dynamic_hw=True)
+    inputs = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in inputs] == ["batch", 3, "height", "width"]
+    for shape, stage2 in [((1, 3, 64, 64), (1, 64, 8, 8)), ((2, 3, 97, 131), (2, 64, 13, 17)),
+                          ((1, 3, 200, 96), (1, 64, 25, 12))]:
+        report = eager_vs_onnx(model, path, [shape], Tolerance())
+        report.raise_for_failure()
+        assert report.outputs[1].shape == stage2
+
+
+def test_dynamic_batch_export_serves_several_batch_sizes(tmp_path, tiny_model):
+    path = export_onnx(tiny_model, tmp_path / "dyn.onnx", dynamic_batch=True, height=64, width=64)
+    report = eager_vs_onnx(tiny_model, path, [(1, 3, 64, 64), (3, 3, 64, 64), (8, 3, 64, 64)], Tolerance())
+    report.raise_for_failure()
+    assert report.outputs[0].shape == (12, 10)
+
+
+def test_fp16_parity_on_cpu(tiny_static, tmp_path):
+    model, path = tiny_static
+    fp16 = write_fp16(path, tmp_path / "tiny_fp16.onnx")
+    proto = onnx.load(str(fp16))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    # LayerNorm and Softmax computed in float32: their inputs come from Casts to float32
+    produced_by = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax"):
+            src = produced_by.get(node.input[0])
+            assert src is not None and src.op_type in ("Cast", "Add"), node.name
+    report = eager_vs_onnx(model, fp16, [(1, 3, 64, 96)] * 2, Tolerance.for_precision("fp16"))
+    report.raise_for_failure()
+    assert report.summary()["cosine"] >= 0.999
+
+
+def test_rmt_t_static_export_matches_eager(tmp_path):
+    model = create_model("rmt_t")
+    path = export_onnx(model, tmp_path / "rmt_t.onnx", batch_size=1)
+    ops = graph_ops(onnx.load(str(path)))
+    assert not TABLE_REBUILD_OPS & set(ops)
+    assert not set(ops) - trt_supported_ops()
+    report = eager_vs_onnx(model, path, [(1, 3, 224, 224)], Tolerance())
+    report.raise_for_failure()
+
+
+def test_compare_raises_specific_errors():
+    ref = {"logits": np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])}
+    bad = {"logits": ref["logits"] * 1.01}
+    report = compare(ref, bad, Tolerance(topk_identical=0))
+    assert not report.passed
+    with pytest.raises(ValueMismatchError) as info:
+        report.raise_for_failure()
+    assert "max_rel" in str(info.value)
+    assert compare(ref, {"other": ref["logits"]}, Tolerance()).problems[0][0].__name__ == "OutputNamesMismatchError"
+
+
+# ---- the CLI: manifest, failing gate, Triton ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def export_run(tmp_path_factory, tiny_checkpoint):
+    out = tmp_path_factory.mktemp("export")
+    config = out / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    images = out / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (90 + 7 * i, 120, 3), dtype=np.uint8)).save(images / f"{i}.jpg")
+    code = cli.main(["--model", str(config), "--checkpoint", str(tiny_checkpoint), "--fp16", "--img-size", "64",
+                     "--dynamic-batch", "1:2:8", "--output", str(out / "art"), "--images", str(images),
+                     "--triton-repo", str(out / "triton")])
+    return code, out, config
+
+
+def test_cli_manifest(export_run, tiny_checkpoint):
+    code, out, _ = export_run
+    assert code == 0
+    manifest = json.loads((out / "art" / "export.json").read_text())
+    assert manifest["task"] == "classify"
+    assert manifest["checkpoint"]["sha256"] and manifest["checkpoint"]["weights"] == "ema"
+    assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
+    arts = {(a["format"], a["precision"]): a for a in manifest["artifacts"]}
+    assert set(arts) == {("onnx", "fp32"), ("onnx", "fp16")}
+    fp32, fp16 = arts[("onnx", "fp32")], arts[("onnx", "fp16")]
+    assert (out / "art" / fp32["path"]).is_file()
+    assert fp32["inputs"] == [{"name": "images", "shape": ["batch", 3, 64, 64], "dtype": "float32"}]
+    assert fp16["inputs"][0]["dtype"] == "float16" and fp16["outputs"][0]["name"] == "logits"
+    for art in (fp32, fp16):
+        parity = art["parity"]
+        assert parity["passed"] is True and parity["reference"] == "eager-fp32"
+        assert set(parity) >= {"max_abs", "max_rel", "cosine", "top1_agreement", "top5_agreement"}
+    assert fp32["parity"]["max_rel"] <= 1e-4 and fp16["parity"]["cosine"] >= 0.999
+
+
+def test_triton_config_parses_with_tritons_protobuf(export_run):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    _, out, _ = export_run
+    models = sorted((out / "triton").iterdir())
+    assert len(models) == 2
+    for model_dir in models:
+        config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
+        assert list(config.input[0].dims) == [3, 64, 64] and config.input[0].name == "images"
+        assert config.HasField("dynamic_batching")
+        assert (model_dir / "1" / "model.onnx").is_file()
+
+
+def test_failing_parity_exits_non_zero(export_run, tiny_checkpoint, tmp_path):
+    _, _, config = export_run
+    code = cli.main(["--model", str(config), "--checkpoint", str(tiny_checkpoint), "--img-size", "64",
+                     "--output", str(tmp_path), "--rtol", "1e-12"])
+    assert code == 1
+    manifest = json.loads((tmp_path / "export.json").read_text())
+    assert manifest["artifacts"][0]["parity"]["passed"] is False
+
+
+def test_random_weights_are_announced_and_recorded(export_run, tmp_path, capsys):
+    _, _, config = export_run
+    assert cli.main(["--model", str(config), "--img-size", "64", "--output", str(tmp_path), "--skip-parity"]) == 0
+    manifest = json.loads((tmp_path / "export.json").read_text())
+    assert manifest["checkpoint"] is None and manifest["random_weights"] is True
+    assert "RANDOM WEIGHTS" in capsys.readouterr().err
+
+
+def test_tensorrt_format_without_tensorrt_says_why(export_run, tmp_path):
+    from rmt_deploy.exporters.tensorrt_build import tensorrt_available
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT is present: covered by tests/test_tensorrt.py")
+    _, _, config = export_run
+    with pytest.raises(SystemExit, match="needs TensorRT"):
+        cli.main(["--model", str(config), "--format", "tensorrt", "--output", str(tmp_path)])
+
+
+def test_bad_checkpoint_is_a_clean_error(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"junk")
+    assert cli.main(["--model", "rmt_t", "--checkpoint", str(tmp_path / "bad.pth"), "--output", str(tmp_path)]) == 2
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_eager_runner_matches_the_model(tiny_model):
+    runner = open_runner("eager", model=tiny_model).load()
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    np.testing.assert_allclose(runner.infer({"images": x})["logits"], tiny_model(torch.from_numpy(x)).numpy(), rtol=1e-6)
+    meta = runner.metadata()
+    assert [t.name for t in meta.inputs] == ["images"] and [t.name for t in meta.outputs] == ["logits"]
