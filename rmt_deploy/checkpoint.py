@@ -63,8 +63,8 @@ def read_checkpoint(path: str | Path, weights: str = "auto") -> Checkpoint:
             f"refusing to load {path}: it contains {what} that weights-only loading does not allow "
             "(unpickling it could execute code). Re-save the state dict alone: "
             "torch.save(model.state_dict(), 'weights.pth')") from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from exc
+    except Exception as exc:  # truncated or foreign files fail deep inside the unpickler in many ways
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
     fmt, state_dict, used, arch = _unwrap(obj, weights, path)
     return Checkpoint(str(path), sha256_file(path), fmt, used, state_dict, arch)
 
@@ -130,6 +130,13 @@ def infer_config(state_dict: dict[str, torch.Tensor], arch: str | None = None) -
     n = _stage_count(sd)
     if n == 0 or "layers.0.blocks.0.pos.conv.weight" not in sd:
         raise CheckpointError("the checkpoint has no RMT backbone keys (layers.N.blocks.M...)")
+    try:
+        return _infer_config(sd, n, arch)
+    except KeyError as exc:
+        raise CheckpointError(f"cannot infer the architecture: the checkpoint lacks {exc}") from None
+
+
+def _infer_config(sd: dict[str, torch.Tensor], n: int, arch: str | None) -> RMTConfig:
     dims, depths, heads, inits, ranges, mlps, scales = [], [], [], [], [], [], []
     for i in range(n):
         dim = sd[f"layers.{i}.blocks.0.pos.conv.weight"].shape[0]
