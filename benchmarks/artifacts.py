@@ -10,6 +10,7 @@ from pathlib import Path
 from rmt_deploy.runners import RunnerUnavailable
 
 DEFAULT_CACHE = Path(".rmt_cache")
+SEED = 0          # random weights (no checkpoint) are seeded so exported files match the eager model
 
 
 def _source_digest(*modules) -> str:
@@ -21,7 +22,7 @@ def _source_digest(*modules) -> str:
 
 def model_key(model) -> str:
     """Config + weights identity (checkpoint sha256, or the fixed seed of random weights)."""
-    weights = (model.checkpoint or {}).get("sha256") or f"random-seed{getattr(model, 'seed', 0)}"
+    weights = (model.checkpoint or {}).get("sha256") or f"random-seed{SEED}"
     blob = json.dumps({"config": asdict(model.config), "weights": weights}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -29,21 +30,27 @@ def model_key(model) -> str:
 class ArtifactCache:
     def __init__(self, root: str | Path = DEFAULT_CACHE):
         self.root = Path(root)
-
-    def onnx(self, model, *, batch_size: int, size: int, fp16: bool = False) -> Path:
-        """A static-shape ONNX file of ``model`` (static shapes give the runtimes the most to fuse)."""
+        # Hash the model and exporter sources now, next to their import, not at export time: files
+        # edited during a long run must not label an export made by the code loaded before.
         try:
             from rmt_deploy import model as model_module
             from rmt_deploy.exporters import onnx_export
         except ImportError as exc:
-            raise RunnerUnavailable(f"the ONNX exporter cannot be imported: {exc}") from exc
-        tag = _source_digest(model_module, onnx_export)
-        path = self.root / f"{model.config.name}-{model_key(model)}-{tag}-b{batch_size}-{size}-{'fp16' if fp16 else 'fp32'}.onnx"
+            self._exporter, self._problem = None, f"the ONNX exporter cannot be imported: {exc}"
+        else:
+            self._exporter, self._problem = onnx_export, None
+            self._tag = _source_digest(model_module, onnx_export)
+
+    def onnx(self, model, *, batch_size: int, size: int, fp16: bool = False) -> Path:
+        """A static-shape ONNX file of ``model`` (static shapes give the runtimes the most to fuse)."""
+        if self._exporter is None:
+            raise RunnerUnavailable(self._problem)
+        path = self.root / f"{model.config.name}-{model_key(model)}-{self._tag}-b{batch_size}-{size}-{'fp16' if fp16 else 'fp32'}.onnx"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".partial.onnx")
-            onnx_export.export_onnx(model, tmp, batch_size=batch_size, height=size, width=size, fp16=fp16)
-            tmp.replace(path)
+            written = self._exporter.export_onnx(model, tmp, batch_size=batch_size, height=size, width=size, fp16=fp16)
+            Path(written).replace(path)
         return path
 
     def engine(self, onnx_path: Path, *, batch_size: int, size: int, fp16: bool, device: str) -> Path:

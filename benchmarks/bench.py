@@ -20,10 +20,8 @@ from rmt_deploy.flops import count_macs, count_params
 from rmt_deploy.model import RMTConfig
 from rmt_deploy.runners import INPUT_NAME, RunnerUnavailable, open_runner
 
-from .artifacts import ArtifactCache, tensorrt_unavailable_reason
+from .artifacts import SEED, ArtifactCache, tensorrt_unavailable_reason
 from .machine import machine_info, matmul_peak
-
-SEED = 0          # random weights (no checkpoint) are seeded so exported files match the eager model
 
 
 @dataclass
@@ -165,13 +163,19 @@ def measure(runner, batch: int, settings: Settings, advance=lambda n=1: None) ->
     return result
 
 
-def _peaks(settings: Settings, precisions) -> dict:
+def _peaks(settings: Settings, precisions, earlier: dict | None = None) -> dict:
+    """The matmul peak per precision. Measured at the start and again at the end of the run; the
+    reference is the better of the two (a busy machine at one moment must not inflate fractions)."""
     peaks = {}
     for precision in precisions:
         try:
-            peaks[precision] = matmul_peak(settings.device, precision)
+            peak = matmul_peak(settings.device, precision)
         except (RuntimeError, AssertionError) as exc:    # no CUDA, or no kernel for this dtype
             peaks[precision] = {"device": settings.device, "precision": precision, "error": str(exc)}
+            continue
+        before = (earlier or {}).get(precision, {})
+        samples = before.get("samples_gflops", []) + [peak["gflops"]]
+        peaks[precision] = {**peak, "gflops": max(samples), "samples_gflops": samples}
     return peaks
 
 
@@ -205,9 +209,14 @@ def run_benchmark(models, backends, precisions=("fp32",), batch_sizes=(1, 8), se
                              "batch_size": batch, "device": settings.device, "img_size": settings.img_size}
                     results.append(entry)
                     entry.update(_run_one(backend, model, precision, batch, settings, cache, onnx, engine, macs,
-                                          machine["matmul_peak"].get(precision, {}), progress))
+                                          progress))
                     gc.collect()
         del model
+    machine["matmul_peak"] = _peaks(settings, precisions, machine["matmul_peak"])
+    for r in results:
+        peak = machine["matmul_peak"].get(r["precision"], {})
+        if "gflops" in r and "gflops" in peak:
+            r["peak_fraction"] = r["gflops"] / peak["gflops"]
     _speedups(results)
     machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"machine": machine, "models": described, "settings": {**settings.__dict__, "backends": list(backends),
@@ -216,7 +225,7 @@ def run_benchmark(models, backends, precisions=("fp32",), batch_sizes=(1, 8), se
             "results": results}
 
 
-def _run_one(backend, model, precision, batch, settings, cache, onnx, engine, macs, peak, progress) -> dict:
+def _run_one(backend, model, precision, batch, settings, cache, onnx, engine, macs, progress) -> dict:
     label = f"{model.config.name} {backend} {precision} b{batch}"
     total = settings.warmup + (settings.repeats * settings.iters if settings.iters else 0)
     task = progress.add_task(label + " (preparing)", total=total or None) if progress else None
@@ -247,7 +256,7 @@ def _run_one(backend, model, precision, batch, settings, cache, onnx, engine, ma
     if "skipped" not in out:
         out["macs_per_image"] = macs
         out["gflops"] = 2 * macs * out["images_per_s"] / 1e9
-        out["peak_fraction"] = out["gflops"] / peak["gflops"] if "gflops" in peak else None
+        out["peak_fraction"] = None       # set against the run's matmul peak once it is complete
     return out
 
 

@@ -77,4 +77,4 @@ def matmul_peak(device: str, precision: str, repeats: int = 10) -> dict:
     seconds = statistics.median(times)
     return {"device": device, "precision": precision, "size": n, "repeats": repeats,
             "tf32": bool(kind == "cuda" and precision == "fp32" and torch.backends.cuda.matmul.allow_tf32),
-            "median_s": seconds, "gflops": 2 * n**3 / seconds / 1e9}
+            "gflops": 2 * n**3 / seconds / 1e9}

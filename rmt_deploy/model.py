@@ -182,8 +182,11 @@ class ManhattanSelfAttention(nn.Module):
             bias_w, bias_h = tables[2], tables[3]
             attn = torch.softmax(q @ k.transpose(-1, -2) + bias_w, dim=-1)  # along W, per row
             vh = attn @ vh                                                   # (B, n, H, W, d)
-            q, k, vh = q.transpose(2, 3), k.transpose(2, 3), vh.transpose(2, 3)
-            attn = torch.softmax(q @ k.transpose(-1, -2) + bias_h, dim=-1)  # along H, per column
+            # k^T made contiguous: inductor's 5-D matmul decomposition fails on the doubly
+            # transposed view (torch 2.13); a no-op in exported graphs.
+            k_t = k.permute(0, 1, 3, 4, 2).contiguous()                      # (B, n, W, d, H)
+            q, vh = q.transpose(2, 3), vh.transpose(2, 3)
+            attn = torch.softmax(q @ k_t + bias_h, dim=-1)                   # along H, per column
             out = (attn @ vh).permute(0, 3, 2, 1, 4)                         # (B, H, W, n, d)
         else:
             q, k, vh = q.flatten(2, 3), k.flatten(2, 3), vh.flatten(2, 3)
