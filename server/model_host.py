@@ -31,9 +31,11 @@ class ServedModel:
     def strides(self) -> dict[str, int]:
         return dict(zip(self.output_names, STAGE_STRIDES)) if self.task == "features" else {}
 
-    def warmup(self, batch_size: int) -> None:
-        """Run the largest batch once so first requests don't pay for allocation (and compile)."""
-        self.runner.infer({INPUT_NAME: np.zeros((batch_size, 3, self.image_size, self.image_size), np.float32)})
+    def warmup(self, max_batch_size: int) -> None:
+        """Run every batch size the batcher can form once, so no request pays for first-time allocation
+        (or compilation) and the allocator's pools have grown before memory is watched."""
+        for batch_size in range(1, max_batch_size + 1):
+            self.runner.infer({INPUT_NAME: np.zeros((batch_size, 3, self.image_size, self.image_size), np.float32)})
 
 
 def _model_spec(model: str):
