@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from .onnx_export import DEFAULT_OPSET
+
 console = Console(stderr=True)
 
 
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="S", help="S, or H W")
     ap.add_argument("--dynamic-hw", type=Range.parse, metavar="MIN:OPT:MAX",
                     help="dynamic height and width (e.g. for detection features)")
-    ap.add_argument("--opset", type=int, default=18)
+    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (17+; default %(default)s)")
     ap.add_argument("--output", type=Path, help="output folder (default exports/<model>/)")
     ap.add_argument("--images", type=Path, help="folder of real images added to the parity inputs")
     ap.add_argument("--skip-parity", action="store_true")

@@ -18,7 +18,7 @@ from ..model import RMT
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 17          # LayerNormalization is one node from opset 17 on
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 20          # 20: a native Gelu node (TensorRT 10 parses opsets 9-20)
 # Ops that rebuild position tables at run time; a static export must not contain them.
 TABLE_REBUILD_OPS = {"Range", "Shape", "Expand", "ConstantOfShape", "Sin", "Cos"}
 # Kept in float32 inside FP16 graphs: the known FP16 failure points of attention models.
