@@ -10,7 +10,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,7 @@ def _step(progress_text: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rmt_deploy import create_model
-    from rmt_deploy.checkpoint import CheckpointError
+    from rmt_deploy.checkpoint import CheckpointError, sha256_file
     from rmt_deploy.parity import Tolerance, check_parity, parity_inputs
     from rmt_deploy.preprocess import image_files, load_images
     from rmt_deploy.runners import RunnerUnavailable, open_runner
@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         artifacts.append({"format": "onnx", "precision": precision, "file": onnx_files[precision]})
     if "tensorrt" in formats:
         from .tensorrt_build import build_engine
-        shape = lambda b, s: (b, 3, s if hw else height, s if hw else width)  # noqa: E731
+        def shape(b: int, side: int) -> tuple[int, int, int, int]:
+            return (b, 3, side, side) if hw else (b, 3, height, width)
+
         for precision in precisions:
             engine = out_dir / f"{stem}_{precision}.engine"
             with _step(f"Building the TensorRT {precision} engine (minutes)"):
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     for art in artifacts:
         path = art.pop("file")
         inputs, outputs = tensor_specs(path) if art["format"] == "onnx" else tensor_specs(onnx_files[art["precision"]])
-        art.update({"path": path.name, "sha256": _sha256(path), "inputs": inputs, "outputs": outputs})
+        art.update({"path": path.name, "sha256": sha256_file(path), "inputs": inputs, "outputs": outputs})
         if batch.dynamic:
             art["max_batch"] = batch.max
         if args.skip_parity:
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": name, "task": args.task,
         "checkpoint": model.checkpoint,
         "random_weights": model.checkpoint is None,
-        "config": {k: v for k, v in model.config.__dict__.items()},
+        "config": asdict(model.config),
         "input_size": {"height": "dynamic" if hw else height, "width": "dynamic" if hw else width},
         "batch": {"min": batch.min, "opt": batch.opt, "max": batch.max, "dynamic": batch.dynamic},
         "opset": args.opset, "versions": _versions(), "artifacts": artifacts,
@@ -248,11 +250,6 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[green]✓[/] Triton model → {model_dir}")
     _print_table(manifest, out_dir, time.perf_counter() - started)
     return 1 if failed else 0
-
-
-def _sha256(path: Path) -> str:
-    from rmt_deploy.checkpoint import sha256_file
-    return sha256_file(path)
 
 
 def _fmt(value, spec: str) -> str:

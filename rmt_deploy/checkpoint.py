@@ -7,7 +7,7 @@ import logging
 import pickle
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -167,7 +167,7 @@ def _infer_config(sd: dict[str, torch.Tensor], n: int, arch: str | None) -> RMTC
         extra["num_classes"] = sd["head.weight"].shape[0]
     if "proj.weight" in sd:
         extra["projection"] = sd["proj.weight"].shape[0]
-    return base.replace(**extra, extra_norms=any(k.startswith("extra_norms.") for k in sd),
+    return replace(base, **extra, extra_norms=any(k.startswith("extra_norms.") for k in sd),
                         token_label="aux_head.weight" in sd)
 
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from .checkpoint import Checkpoint, CheckpointError, infer_config, load_strict, read_checkpoint
-from .model import RMT, VARIANTS, RMTConfig, build_model
+from .model import RMT, VARIANTS, RMTConfig, build_model, checkpoint_filter_fn
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ def resolve_config(name_or_config, checkpoint: Checkpoint | None = None) -> RMTC
 
 
 def _backbone_keys(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    from .model import checkpoint_filter_fn
     return checkpoint_filter_fn(checkpoint.state_dict)
 
 

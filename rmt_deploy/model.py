@@ -17,7 +17,7 @@ bakes them in as constants; under a dynamic-shape trace they are built from the 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -413,9 +413,6 @@ class RMTConfig:
         if len(lengths) != 1:
             raise ValueError(f"RMT config per-stage lists differ in length: {lengths}")
         return config
-
-    def replace(self, **changes) -> "RMTConfig":
-        return RMTConfig(**{**asdict(self), **changes})
 
 
 class RMT(nn.Module):

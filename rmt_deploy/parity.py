@@ -86,7 +86,7 @@ class ParityReport:
             top = f" top1 {o.top1_agreement:.3f} top5 {o.top5_agreement:.3f}" if o.top1_agreement is not None else ""
             lines.append(f"  {o.name:<8} {str(o.shape):<20} max_abs {o.max_abs:.3e} max_rel {o.max_rel:.3e} "
                          f"cosine {o.cosine:.6f}{top}" + ("  <- " + "; ".join(o.failures) if o.failures else ""))
-        lines += [f"  {msg}" for _, msg in self.problems if not any(msg in "; ".join(o.failures) for o in self.outputs)]
+        lines += [f"  problem: {msg}" for _, msg in self.problems]
         return "\n".join(lines)
 
     def raise_for_failure(self) -> None:
