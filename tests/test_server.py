@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from rmt_deploy import create_model
+from rmt_deploy.benchmarks.serve import wait_ready
 from rmt_deploy.preprocess import decode_image, preprocess
 from rmt_deploy.server.app import create_app
 from rmt_deploy.server.cli import main as serve_main
@@ -441,16 +442,7 @@ def test_rmt_serve_executable_end_to_end(model_files, tiny_model):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "rmt-serve did not become ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(url, proc, timeout=120)
         data = jpeg(3)
         body = httpx.post(f"{url}/classify?top_k=3", files={"file": ("a.jpg", data, "image/jpeg")}, timeout=30).json()
         with torch.no_grad():
