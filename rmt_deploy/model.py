@@ -128,11 +128,6 @@ class ManhattanSelfAttention(nn.Module):
             self.out_proj.weight.mul_(gamma[:, None])
             self.out_proj.bias.mul_(gamma)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, n, H, W, d) view."""
-        b, h, w, _ = x.shape
-        return x.reshape(b, h, w, self.num_heads, self.head_dim).permute(0, 3, 1, 2, 4)
-
     def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         b, h, w, c = x.shape
         q, q_rot, k, k_rot, v = _tokens_linear(self.qkv, x).split(c, dim=-1)
@@ -172,27 +167,29 @@ class ManhattanSelfAttention(nn.Module):
         return torch.cat(outs, dim=-1)
 
     def _attend_explicit(self, q, q_rot, k, k_rot, v, tables):
-        """Traced path (export / ONNX): explicit matmul -> + decay bias -> softmax -> matmul."""
+        """Traced path (export / ONNX): explicit matmul -> + decay bias -> softmax -> matmul.
+
+        Every layout change moves a single axis (keys are transposed by moving the sequence axis
+        last), which runtimes do as block copies; compound permutations that also move the head
+        dimension cost ~8x more in ONNX Runtime."""
         b, h, w, c = v.shape
+        n, d = self.num_heads, self.head_dim
         cos, sin = tables[0], tables[1]
-        q = self._heads(q * cos + q_rot * sin)
-        k = self._heads(k * cos + k_rot * sin)
-        vh = self._heads(v)
-        if self.decomposed:
-            bias_w, bias_h = tables[2], tables[3]
-            attn = torch.softmax(q @ k.transpose(-1, -2) + bias_w, dim=-1)  # along W, per row
-            vh = attn @ vh                                                   # (B, n, H, W, d)
-            # k^T made contiguous: inductor's 5-D matmul decomposition fails on the doubly
-            # transposed view (torch 2.13); a no-op in exported graphs.
-            k_t = k.permute(0, 1, 3, 4, 2).contiguous()                      # (B, n, W, d, H)
-            q, vh = q.transpose(2, 3), vh.transpose(2, 3)
-            attn = torch.softmax(q @ k_t + bias_h, dim=-1)                   # along H, per column
-            out = (attn @ vh).permute(0, 3, 2, 1, 4)                         # (B, H, W, n, d)
-        else:
-            q, k, vh = q.flatten(2, 3), k.flatten(2, 3), vh.flatten(2, 3)
-            attn = torch.softmax(q @ k.transpose(-1, -2) + tables[2], dim=-1)
-            out = (attn @ vh).transpose(1, 2)                                # (B, HW, n, d)
-        return out.reshape(b, h, w, c)
+        q = (q * cos + q_rot * sin).reshape(b, h, w, n, d)
+        k = (k * cos + k_rot * sin).reshape(b, h, w, n, d)
+        v = v.reshape(b, h, w, n, d)
+        if not self.decomposed:
+            q, k, v = q.reshape(b, h * w, n, d), k.reshape(b, h * w, n, d), v.reshape(b, h * w, n, d)
+            attn = torch.softmax(q.transpose(1, 2) @ k.permute(0, 2, 3, 1) + tables[2], dim=-1)
+            return (attn @ v.transpose(1, 2)).transpose(1, 2).reshape(b, h, w, c)
+        bias_w, bias_h = tables[2], tables[3]
+        # along W, batch (B, H, n): (B, H, n, W, d) x (B, H, n, d, W)
+        attn = torch.softmax(q.transpose(2, 3) @ k.permute(0, 1, 3, 4, 2) + bias_w, dim=-1)
+        v = attn @ v.transpose(2, 3)                                         # (B, H, n, W, d)
+        # along H, batch (B, W, n): (B, W, n, H, d) x (B, W, n, d, H)
+        attn = torch.softmax(q.permute(0, 2, 3, 1, 4) @ k.permute(0, 2, 3, 4, 1) + bias_h, dim=-1)
+        out = attn @ v.permute(0, 3, 2, 1, 4)                                # (B, W, n, H, d)
+        return out.permute(0, 3, 1, 2, 4).reshape(b, h, w, c)
 
 
 class FeedForward(nn.Module):
@@ -270,7 +267,7 @@ class RelPos(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(cos, sin) of shape (H, W, C), then the decay bias: (n, 1, W, W), (n, 1, H, H) and (eager
+        """(cos, sin) of shape (H, W, C), then the decay bias: (n, W, W), (n, H, H) and (eager
         only, None when large or tracing) the H-pass SDPA mask (1, W*n, H, H) for decomposed
         stages, (n, HW, HW) for full ones."""
         if _is_tracing() and not isinstance(h, torch.SymInt) and not isinstance(w, torch.SymInt):
@@ -295,8 +292,8 @@ class RelPos(nn.Module):
         dist_h = self._distance(h, decay)
         dist_w = self._distance(w, decay)
         if self.decomposed:
-            bias_w = (dist_w * decay[:, None, None]).unsqueeze(1).to(dtype)
-            bias_h = (dist_h * decay[:, None, None]).unsqueeze(1).to(dtype)
+            bias_w = (dist_w * decay[:, None, None]).to(dtype)
+            bias_h = (dist_h * decay[:, None, None]).to(dtype)
             mask_h = None
             if not _is_tracing() and w * self.num_heads * h * h <= _MAX_MASK_ELEMENTS:
                 n = self.num_heads      # H-pass mask for the eager SDPA path: "heads" are (W, n)

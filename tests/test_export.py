@@ -57,6 +57,32 @@ def test_graph_uses_only_tensorrt_parser_ops(tiny_static, tmp_path, tiny_checkpo
         assert not unsupported, f"{path.name}: ops TensorRT's parser lacks: {unsupported}"
 
 
+def _moves_one_axis_or_keeps_last(perm: list[int]) -> bool:
+    rest = list(range(len(perm)))
+    for axis in rest:
+        others = [a for a in rest if a != axis]
+        if any(perm == others[:i] + [axis] + others[i:] for i in range(len(perm))):
+            return True
+    return perm[-1] == len(perm) - 1
+
+
+def test_attention_transposes_stay_block_copies(tiny_static, tmp_path):
+    """After ONNX Runtime merges adjacent Transposes, every attention layout change must still be a
+    block copy (one axis moved, or the head dimension left last): the compound permutations the
+    earlier graph produced ran ~8x slower and cost 5-7 % of rmt_t's CPU throughput."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tiny_static[1]), options, providers=["CPUExecutionProvider"])
+    perms = [list(attr.ints) for node in onnx.load(options.optimized_model_filepath).graph.node
+             if node.op_type == "Transpose" for attr in node.attribute if attr.name == "perm"]
+    assert any(len(p) == 5 for p in perms), "expected the decomposed attention's 5-D layouts"
+    slow = [p for p in perms if not _moves_one_axis_or_keeps_last(p)]
+    assert not slow, f"compound transposes in the optimised graph: {slow}"
+
+
 def test_dynamic_hw_features_export(tmp_path, tiny_checkpoint):
     model = create_model(TINY_CONFIG, checkpoint=str(tiny_checkpoint), features_only=True)
     path = export_onnx(model, tmp_path / "feat.onnx", dynamic_batch=True, height=64, width=64, dynamic_hw=True)
