@@ -5,6 +5,7 @@ cache is filled before tracing); a dynamic height/width builds them from the tra
 """
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections import Counter
@@ -42,7 +43,8 @@ def export_onnx(model: RMT, path: str | Path, *, batch_size: int = 1, dynamic_ba
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset {MIN_OPSET}+")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.fuse().float().cpu().eval()
+    # a copy in the export layout (q/k pair order folded into the weights); the caller's model is unchanged
+    model = copy.deepcopy(model.fuse().float().cpu()).to_export_layout().eval()
     example_batch = max(batch_size, 2) if dynamic_batch else batch_size  # batch 1 would be specialised
     x = torch.randn(example_batch, 3, height, width)
     if not dynamic_hw:

@@ -5,9 +5,13 @@ One file in timm order: helpers, blocks, stage, model, checkpoint filter, builde
 Modules are built in the released checkpoint layout so released weights load unchanged. `RMT.fuse()`
 then rewrites them in place into the inference form that `forward` runs:
 
-* q/k/v projections become one GEMM producing ``[q, rot(q), k, rot(k), v]``; the rotary
-  pair-rotation and k's ``d**-0.5`` scale are folded into its weights, so the rotary shift is
-  ``q * cos + q_rot * sin`` with no strided slicing or stacking;
+* q/k/v projections become one GEMM producing ``[q, k, v]`` (no wider than the released three),
+  with k's ``d**-0.5`` scale folded in. The rotary shift of q and k runs as one complex multiply
+  by ``exp(i * p * theta)`` in eager mode. `RMT.to_export_layout()` (which the ONNX exporter
+  applies to a copy) also folds the pair layout into the q/k weights: each head's channels are
+  de-interleaved (even ones, then odd ones), which leaves q·k unchanged and turns the pair
+  rotation into swapping a head's two halves, the sign folded into the sin table:
+  ``qk * cos + swap_halves(qk) * sin``, one Gather and no strided slicing in the graph;
 * layer-scale ``gamma_1``/``gamma_2`` are folded into ``out_proj``/``fc2``;
 * every BatchNorm is folded into the convolution or linear layer in front of it.
 
@@ -42,13 +46,11 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
-def rotate_every_two_matrix(dim: int) -> torch.Tensor:
-    """R with ``x @ R == rot(x)``: each pair (x_2m, x_2m+1) becomes (-x_2m+1, x_2m)."""
-    rot = torch.zeros(dim, dim)
-    even = torch.arange(0, dim, 2)
-    rot[even + 1, even] = -1.0
-    rot[even, even + 1] = 1.0
-    return rot
+def deinterleave_heads(num_heads: int, head_dim: int) -> torch.Tensor:
+    """Channel order that puts each head's even channels first, then its odd ones: a rotary pair
+    (x_2m, x_2m+1) lands at (m, d/2 + m), so rot() becomes a swap of the head's two halves."""
+    within = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    return (torch.arange(num_heads)[:, None] * head_dim + within).reshape(-1)
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
@@ -104,6 +106,7 @@ class ManhattanSelfAttention(nn.Module):
         super().__init__()
         self.dim, self.num_heads, self.decomposed = dim, num_heads, decomposed
         self.head_dim = dim // num_heads
+        self.export_layout = False
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -112,14 +115,10 @@ class ManhattanSelfAttention(nn.Module):
 
     @torch.no_grad()
     def fuse(self, layer_scale: torch.Tensor | None) -> None:
-        rot = torch.block_diag(*[rotate_every_two_matrix(self.head_dim)] * self.num_heads)
         scale = self.head_dim ** -0.5
-        q_w, q_b = self.q_proj.weight, self.q_proj.bias
-        k_w, k_b = self.k_proj.weight * scale, self.k_proj.bias * scale
-        # Linear computes x @ W.T + b, so rot(out) = x @ (W.T @ R) + b @ R = x @ (R.T @ W).T + b @ R.
-        weight = torch.cat([q_w, rot.T @ q_w, k_w, rot.T @ k_w, self.v_proj.weight])
-        bias = torch.cat([q_b, q_b @ rot, k_b, k_b @ rot, self.v_proj.bias])
-        self.qkv = nn.Linear(self.dim, 5 * self.dim).to(weight)
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight * scale, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias * scale, self.v_proj.bias])
+        self.qkv = nn.Linear(self.dim, 3 * self.dim).to(weight)
         self.qkv.weight.copy_(weight)
         self.qkv.bias.copy_(bias)
         del self.q_proj, self.k_proj, self.v_proj
@@ -128,24 +127,48 @@ class ManhattanSelfAttention(nn.Module):
             self.out_proj.weight.mul_(gamma[:, None])
             self.out_proj.bias.mul_(gamma)
 
+    @torch.no_grad()
+    def to_export_layout(self) -> None:
+        """De-interleave each head's q and k channels in the fused weights (see the module notes)."""
+        if self.export_layout:
+            return
+        order = deinterleave_heads(self.num_heads, self.head_dim)
+        order = torch.cat([order, order + self.dim, torch.arange(2 * self.dim, 3 * self.dim)])
+        self.qkv.weight.copy_(self.qkv.weight[order])
+        self.qkv.bias.copy_(self.qkv.bias[order])
+        self.export_layout = True
+
     def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
-        b, h, w, c = x.shape
-        q, q_rot, k, k_rot, v = _tokens_linear(self.qkv, x).split(c, dim=-1)
+        c = x.shape[-1]
+        qk, v = _tokens_linear(self.qkv, x).split((2 * c, c), dim=-1)
         lepe = self.lepe(v)
+        q, k = self._rotary(qk, tables[0], tables[1]).split(c, dim=-1)
         if _is_tracing():
-            out = self._attend_explicit(q, q_rot, k, k_rot, v, tables)
+            out = self._attend_explicit(q, k, v, tables)
         else:
-            out = self._attend_sdpa(q, q_rot, k, k_rot, v, tables)
+            out = self._attend_sdpa(q, k, v, tables)
         return _tokens_linear(self.out_proj, out + lepe)
 
-    def _attend_sdpa(self, q, q_rot, k, k_rot, v, tables):
+    def _rotary(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> torch.Tensor:
+        """Rotary shift of q and k at once; returns (B, H, W, 2C), contiguous.
+
+        ``sin is None``: ``cos`` is ``exp(i * p * theta)`` and each channel pair is one complex
+        number (a single fused kernel). Otherwise ``qk * cos + swap(qk) * sin`` with the pair
+        members swapped by one Gather: adjacent channels in the released layout, the two halves of
+        a head in the export layout."""
+        n, half = 2 * self.num_heads, self.head_dim // 2
+        if sin is None:
+            pairs = torch.view_as_complex(qk.unflatten(-1, (n, half, 2)))
+            return torch.view_as_real(pairs * cos).flatten(-3)
+        heads = qk.unflatten(-1, (n, 2, half) if self.export_layout else (n, half, 2))
+        swap = torch.tensor([1, 0], device=qk.device)
+        return (heads * cos + heads.index_select(-2 if self.export_layout else -1, swap) * sin).flatten(-3)
+
+    def _attend_sdpa(self, q, k, v, tables):
         """Eager path: fused SDPA kernels on strided head views of the (B, H, W, C) tensors, so no
         head-major copies and no materialised logits; every output is contiguous (B, H, W, C)."""
         b, h, w, c = v.shape
         n, d = self.num_heads, self.head_dim
-        cos, sin = tables[0], tables[1]
-        q = torch.addcmul(q * cos, q_rot, sin)
-        k = torch.addcmul(k * cos, k_rot, sin)
         if not self.decomposed:     # heads (B, n, HW, d) are views; the mask is (1, n, HW, HW)
             qh, kh, vh = (t.reshape(b, h * w, n, d).transpose(1, 2) for t in (q, k, v))
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=tables[2].unsqueeze(0), scale=1.0)
@@ -166,7 +189,7 @@ class ManhattanSelfAttention(nn.Module):
             outs.append(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_h[i], scale=1.0).transpose(1, 2))
         return torch.cat(outs, dim=-1)
 
-    def _attend_explicit(self, q, q_rot, k, k_rot, v, tables):
+    def _attend_explicit(self, q, k, v, tables):
         """Traced path (export / ONNX): explicit matmul -> + decay bias -> softmax -> matmul.
 
         Every layout change moves a single axis (keys are transposed by moving the sequence axis
@@ -174,10 +197,7 @@ class ManhattanSelfAttention(nn.Module):
         dimension cost ~8x more in ONNX Runtime."""
         b, h, w, c = v.shape
         n, d = self.num_heads, self.head_dim
-        cos, sin = tables[0], tables[1]
-        q = (q * cos + q_rot * sin).reshape(b, h, w, n, d)
-        k = (k * cos + k_rot * sin).reshape(b, h, w, n, d)
-        v = v.reshape(b, h, w, n, d)
+        q, k, v = q.reshape(b, h, w, n, d), k.reshape(b, h, w, n, d), v.reshape(b, h, w, n, d)
         if not self.decomposed:
             q, k, v = q.reshape(b, h * w, n, d), k.reshape(b, h * w, n, d), v.reshape(b, h * w, n, d)
             attn = torch.softmax(q.transpose(1, 2) @ k.permute(0, 2, 3, 1) + tables[2], dim=-1)
@@ -256,7 +276,8 @@ class RelPos(nn.Module):
         self.register_buffer("angle", angle.repeat_interleave(2))
         self.register_buffer("decay", decay)
         self.num_heads, self.decomposed = num_heads, decomposed
-        self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self.export_layout = False
+        self._cache: dict[tuple, tuple[torch.Tensor | None, ...]] = {}
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache.clear()
@@ -266,29 +287,49 @@ class RelPos(nn.Module):
         self._cache.clear()
         return super()._apply(fn, recurse)
 
-    def forward(self, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(cos, sin) of shape (H, W, C), then the decay bias: (n, W, W), (n, H, H) and (eager
+    def rotary_kind(self, dtype: torch.dtype) -> str:
+        """Which rotary tables the attention needs (see `ManhattanSelfAttention._rotary`)."""
+        if self.export_layout:
+            return "halves"
+        if _is_tracing() or dtype not in (torch.float32, torch.float64):
+            return "pairs"      # graphs, and half precision (complex32 kernels are sparse)
+        return "complex"
+
+    def forward(self, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        """The rotary tables (``exp(i p theta)`` and None, or cos and signed sin laid out like the
+        q/k channels, one entry per head so graph runtimes broadcast over the batch only), then the
+        decay bias: (n, W, W), (n, H, H) and (eager
         only, None when large or tracing) the H-pass SDPA mask (1, W*n, H, H) for decomposed
         stages, (n, HW, HW) for full ones."""
+        kind = self.rotary_kind(dtype)
+        key = (h, w, dtype, self.decay.device, kind)
         if _is_tracing() and not isinstance(h, torch.SymInt) and not isinstance(w, torch.SymInt):
-            key = (h, w, dtype, self.decay.device)
             if key in self._cache:      # a fixed-size export: bake the cached tables in as constants
                 return self._cache[key]
         if _is_tracing():               # dynamic shapes: build the tables from the traced shape
-            return self._build(h, w, dtype)
-        key = (h, w, dtype, self.decay.device)
+            return self._build(h, w, dtype, kind)
         if key not in self._cache:
             # normal (not inference-mode) tensors, so a later export can trace them as constants
             with torch.inference_mode(False), torch.no_grad():
-                self._cache[key] = self._build(h, w, dtype)
+                self._cache[key] = self._build(h, w, dtype, kind)
         return self._cache[key]
 
-    def _build(self, h, w, dtype):
-        decay, angle = self.decay, self.angle
-        index = torch.arange(h * w, device=decay.device).to(decay.dtype)
-        phase = (index[:, None] * angle[None, :]).reshape(h, w, -1)
-        cos = torch.cos(phase).repeat(1, 1, self.num_heads).to(dtype)
-        sin = torch.sin(phase).repeat(1, 1, self.num_heads).to(dtype)
+    def _rotary_tables(self, h, w, dtype, kind):
+        # float32 products, then sin/cos, as the released code computes them
+        angle = self.angle[0::2]        # the stored angle repeats each value twice
+        index = torch.arange(h * w, device=angle.device).to(angle.dtype)
+        phase = (index[:, None] * angle[None, :]).reshape(h, w, 1, -1)
+        cos, sin = torch.cos(phase), torch.sin(phase)
+        if kind == "complex":
+            return torch.complex(cos, sin).to(torch.complex128 if dtype == torch.float64 else torch.complex64), None
+        axis = -2 if kind == "halves" else -1   # where a pair's two members sit: (2, d/2) or (d/2, 2)
+        cos, sin = torch.stack([cos, cos], dim=axis), torch.stack([-sin, sin], dim=axis)
+        heads = (1, 1, 2 * self.num_heads, 1, 1)
+        return cos.repeat(heads).to(dtype), sin.repeat(heads).to(dtype)
+
+    def _build(self, h, w, dtype, kind):
+        decay = self.decay
+        cos, sin = self._rotary_tables(h, w, dtype, kind)
         dist_h = self._distance(h, decay)
         dist_w = self._distance(w, decay)
         if self.decomposed:
@@ -459,6 +500,19 @@ class RMT(nn.Module):
             self.norm = nn.Identity()
         self.fused = True
         return self.eval()
+
+    def to_export_layout(self) -> "RMT":
+        """Fold the rotary pair layout into the q/k weights for graph export (in place; fuses first).
+
+        Same outputs; the graph then rotates with one Gather over half-heads instead of a gather
+        of single channels. Eager inference is faster in the released layout (a complex multiply)."""
+        self.fuse()
+        for stage in self.layers:
+            stage.Relpos.export_layout = True
+            stage.Relpos._cache.clear()
+            for block in stage.blocks:
+                block.retention.to_export_layout()
+        return self
 
     def _stage_outputs(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if not self.fused:

@@ -226,6 +226,6 @@ def test_bad_checkpoint_is_a_clean_error(tmp_path):
 def test_eager_runner_matches_the_model(tiny_model):
     runner = open_runner("eager", model=tiny_model).load()
     x = np.random.default_rng(1).standard_normal((2, 3, 64, 64), dtype=np.float32)
-    np.testing.assert_allclose(runner.infer({"images": x})["logits"], tiny_model(torch.from_numpy(x)).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(runner.infer({"images": x})["logits"], tiny_model(torch.from_numpy(x)).detach().numpy(), rtol=1e-6)
     meta = runner.metadata()
     assert [t.name for t in meta.inputs] == ["images"] and [t.name for t in meta.outputs] == ["logits"]

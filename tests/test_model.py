@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 
@@ -66,9 +67,14 @@ def test_fast_path_matches_spec_on_every_variant(name, tmp_path):
     path = tmp_path / "w.pth"
     torch.save({"model": sd}, path)
     model = create_model(cfg, checkpoint=str(path))
+    exported = copy.deepcopy(model).to_export_layout()
     for size in [(64, 64), (97, 131)]:
         x = torch.randn(2, 3, *size)
-        assert rel_err(model(x), reference_forward(sd, cfg, x)) <= 1e-5, size
+        want = reference_forward(sd, cfg, x)
+        assert rel_err(model(x), want) <= 1e-5, size                # SDPA, complex rotary
+        assert rel_err(exported(x), want) <= 1e-5, size             # SDPA, half-swap rotary
+    graph = torch.export.export(model, (x,)).module()               # explicit attention, pair-swap rotary
+    assert rel_err(graph(x), want) <= 1e-5
 
 
 def test_fast_path_matches_spec_token_label_and_features(tmp_path):
@@ -111,7 +117,7 @@ def test_decomposed_and_full_stages_both_cached_per_resolution(tiny_model):
 
 
 def test_torch_export_rmt_t_at_224():
-    model = create_model("rmt_t")
+    model = create_model("rmt_t").to_export_layout()
     with torch.inference_mode():
         model(torch.randn(1, 3, 224, 224))
     program = torch.export.export(model, (torch.randn(1, 3, 224, 224),))
