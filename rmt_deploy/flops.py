@@ -3,8 +3,8 @@
 What is counted: multiply-adds of every convolution, linear layer and attention matmul (q k^T
 and attn v) of the released implementation, for one image at the given resolution. Not counted:
 normalisation, activations, softmax, rotary and bias element-wise work (as fvcore and the paper's
-tables do not count them). The fused inference graph does a little more (the rotary rotation is
-folded into the q/k GEMM), which is deliberately not credited. The tests cross-check these counts
+tables do not count them). The fused inference form does the same GEMM work (q/k/v in one
+3C-wide GEMM; the rotary shift stays element-wise). The tests cross-check these counts
 against `torch.utils.flop_counter` run on a plain implementation of the spec.
 """
 from __future__ import annotations

@@ -140,28 +140,34 @@ class ManhattanSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, tables: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         c = x.shape[-1]
-        qk, v = _tokens_linear(self.qkv, x).split((2 * c, c), dim=-1)
+        cos, sin = tables[0], tables[1]
+        qkv = _tokens_linear(self.qkv, x)
+        if sin is None:         # complex tables: q and k rotate together in one kernel
+            qk, v = qkv.split((2 * c, c), dim=-1)
+            q, k = self._rotary(qk, cos, None).split(c, dim=-1)
+        else:                   # graphs: one Split, no second copy to separate rotated q and k
+            q, k, v = qkv.split(c, dim=-1)
+            q, k = self._rotary(q, cos, sin), self._rotary(k, cos, sin)
         lepe = self.lepe(v)
-        q, k = self._rotary(qk, tables[0], tables[1]).split(c, dim=-1)
         if _is_tracing():
             out = self._attend_explicit(q, k, v, tables)
         else:
             out = self._attend_sdpa(q, k, v, tables)
         return _tokens_linear(self.out_proj, out + lepe)
 
-    def _rotary(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> torch.Tensor:
-        """Rotary shift of q and k at once; returns (B, H, W, 2C), contiguous.
+    def _rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> torch.Tensor:
+        """Rotary shift of (B, H, W, k*C) channels, k heads-groups of q and/or k; contiguous result.
 
         ``sin is None``: ``cos`` is ``exp(i * p * theta)`` and each channel pair is one complex
-        number (a single fused kernel). Otherwise ``qk * cos + swap(qk) * sin`` with the pair
+        number (a single fused kernel). Otherwise ``x * cos + swap(x) * sin`` with the pair
         members swapped by one Gather: adjacent channels in the released layout, the two halves of
         a head in the export layout."""
-        n, half = 2 * self.num_heads, self.head_dim // 2
+        half = self.head_dim // 2
         if sin is None:
-            pairs = torch.view_as_complex(qk.unflatten(-1, (n, half, 2)))
+            pairs = torch.view_as_complex(x.unflatten(-1, (-1, half, 2)))
             return torch.view_as_real(pairs * cos).flatten(-3)
-        heads = qk.unflatten(-1, (n, 2, half) if self.export_layout else (n, half, 2))
-        swap = torch.tensor([1, 0], device=qk.device)
+        heads = x.unflatten(-1, (-1, 2, half) if self.export_layout else (-1, half, 2))
+        swap = torch.tensor([1, 0], device=x.device)
         return (heads * cos + heads.index_select(-2 if self.export_layout else -1, swap) * sin).flatten(-3)
 
     def _attend_sdpa(self, q, k, v, tables):
@@ -324,7 +330,7 @@ class RelPos(nn.Module):
             return torch.complex(cos, sin).to(torch.complex128 if dtype == torch.float64 else torch.complex64), None
         axis = -2 if kind == "halves" else -1   # where a pair's two members sit: (2, d/2) or (d/2, 2)
         cos, sin = torch.stack([cos, cos], dim=axis), torch.stack([-sin, sin], dim=axis)
-        heads = (1, 1, 2 * self.num_heads, 1, 1)
+        heads = (1, 1, self.num_heads, 1, 1)
         return cos.repeat(heads).to(dtype), sin.repeat(heads).to(dtype)
 
     def _build(self, h, w, dtype, kind):
