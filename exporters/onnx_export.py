@@ -43,8 +43,9 @@ def export_onnx(model: RMT, path: str | Path, *, batch_size: int = 1, dynamic_ba
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset {MIN_OPSET}+")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a copy in the export layout (q/k pair order folded into the weights); the caller's model is unchanged
-    model = copy.deepcopy(model.fuse().float().cpu()).to_export_layout().eval()
+    # a float32 CPU copy in the export layout (q/k pair order folded into the weights); the caller's
+    # model stays as it was
+    model = copy.deepcopy(model.fuse()).float().cpu().to_export_layout().eval()
     example_batch = max(batch_size, 2) if dynamic_batch else batch_size  # batch 1 would be specialised
     x = torch.randn(example_batch, 3, height, width)
     if not dynamic_hw:

@@ -11,7 +11,8 @@ then rewrites them in place into the inference form that `forward` runs:
   applies to a copy) also folds the pair layout into the q/k weights: each head's channels are
   de-interleaved (even ones, then odd ones), which leaves q·k unchanged and turns the pair
   rotation into swapping a head's two halves, the sign folded into the sin table:
-  ``qk * cos + swap_halves(qk) * sin``, one Gather and no strided slicing in the graph;
+  ``q * cos + swap_halves(q) * sin`` (and the same for k), one Gather and no strided slicing in
+  the graph;
 * layer-scale ``gamma_1``/``gamma_2`` are folded into ``out_proj``/``fc2``;
 * every BatchNorm is folded into the convolution or linear layer in front of it.
 
@@ -156,7 +157,7 @@ class ManhattanSelfAttention(nn.Module):
         return _tokens_linear(self.out_proj, out + lepe)
 
     def _rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> torch.Tensor:
-        """Rotary shift of (B, H, W, k*C) channels, k heads-groups of q and/or k; contiguous result.
+        """Rotary shift of q, of k, or of both side by side (B, H, W, m*C); contiguous result.
 
         ``sin is None``: ``cos`` is ``exp(i * p * theta)`` and each channel pair is one complex
         number (a single fused kernel). Otherwise ``x * cos + swap(x) * sin`` with the pair

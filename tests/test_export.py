@@ -97,6 +97,7 @@ def test_dynamic_hw_features_export(tmp_path, tiny_checkpoint):
 
 def test_dynamic_batch_export_serves_several_batch_sizes(tmp_path, tiny_model):
     path = export_onnx(tiny_model, tmp_path / "dyn.onnx", dynamic_batch=True, height=64, width=64)
+    assert not tiny_model.layers[0].Relpos.export_layout, "export must work on a copy of the caller's model"
     report = eager_vs_onnx(tiny_model, path, [(1, 3, 64, 64), (3, 3, 64, 64), (8, 3, 64, 64)], Tolerance())
     report.raise_for_failure()
     assert report.outputs[0].shape == (12, 10)
