@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import platform
+import resource
 from importlib import resources
 
 import numpy as np
@@ -16,6 +18,7 @@ from rmt_deploy.exporters import cli
 from rmt_deploy.exporters.onnx_export import TABLE_REBUILD_OPS, export_onnx, graph_ops, write_fp16
 from rmt_deploy.parity import Tolerance, ValueMismatchError, check_parity, compare
 from rmt_deploy.runners import open_runner
+from rmt_deploy.runners.eager import keep_freed_memory
 
 
 def trt_supported_ops() -> set[str]:
@@ -230,3 +233,18 @@ def test_eager_runner_matches_the_model(tiny_model):
     np.testing.assert_allclose(runner.infer({"images": x})["logits"], tiny_model(torch.from_numpy(x)).detach().numpy(), rtol=1e-6)
     meta = runner.metadata()
     assert [t.name for t in meta.inputs] == ["images"] and [t.name for t in meta.outputs] == ["logits"]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning applies to glibc only")
+def test_eager_cpu_runner_reuses_freed_activation_memory(tiny_model):
+    """Large activations must come back from the heap, not as freshly page-faulted mmap blocks."""
+    open_runner("eager", model=tiny_model).load()       # applies keep_freed_memory() for CPU
+    assert keep_freed_memory()
+
+    def faults_for_a_64mb_activation() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.zeros(16 << 20).add_(1.0)     # 64 MiB, written: every new page faults once
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_for_a_64mb_activation()
+    assert faults_for_a_64mb_activation() < 1000    # fresh mmap memory would fault ~16k pages
