@@ -227,9 +227,19 @@ class FeedForward(nn.Module):
         self.dwconv = DWConv2d(hidden_dim, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_tracing():
+            return self._forward_as_convs(x)
         x = F.gelu(_tokens_linear(self.fc1, x))
         x = self.dwconv(x)              # x + dwconv(x): the identity is folded into the kernel
         return _tokens_linear(self.fc2, x)
+
+    def _forward_as_convs(self, x: torch.Tensor) -> torch.Tensor:
+        """Graph form: fc1 and fc2 as 1x1 convolutions around the depth-wise one, so a runtime with
+        blocked conv layouts (ONNX Runtime's NCHWc) converts layouts once at the model width instead
+        of twice at the 3-4x wider hidden width (rmt_t: the FFNs ~25-40 % faster in ONNX Runtime)."""
+        x = F.conv2d(x.permute(0, 3, 1, 2), self.fc1.weight[:, :, None, None], self.fc1.bias)
+        x = self.dwconv.conv(F.gelu(x))
+        return F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias).permute(0, 2, 3, 1)
 
 
 class Block(nn.Module):

@@ -44,8 +44,9 @@ def _check_measured(r: dict, macs: int) -> None:
     for value in (r["images_per_s"], *lat.values(), r["peak_memory_mb"], r["gflops"], r["peak_fraction"]):
         assert _positive(value), r
     assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
-    # throughput and latency come from the same timed calls: they must tell the same story
-    assert 0.5 < r["images_per_s"] * lat["mean"] / (1000 * r["batch_size"]) < 2.0, r
+    # throughput and latency come from the same timed calls: their medians must tell the same story
+    # (the mean is left out: one call delayed by another process on a 2-core machine can double it)
+    assert 0.5 < r["images_per_s"] * lat["p50"] / (1000 * r["batch_size"]) < 2.0, r
     assert r["gflops"] == pytest.approx(2 * macs * r["images_per_s"] / 1e9)
     assert r["outputs_finite"] is True
     assert r["timed_calls"] == 4
