@@ -108,6 +108,8 @@ class ManhattanSelfAttention(nn.Module):
         self.dim, self.num_heads, self.decomposed = dim, num_heads, decomposed
         self.head_dim = dim // num_heads
         self.export_layout = False
+        # pair-member swap for the graph rotary; a buffer, so it follows the module's device
+        self.register_buffer("swap_index", torch.tensor([1, 0]), persistent=False)
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -168,8 +170,8 @@ class ManhattanSelfAttention(nn.Module):
             pairs = torch.view_as_complex(x.unflatten(-1, (-1, half, 2)))
             return torch.view_as_real(pairs * cos).flatten(-3)
         heads = x.unflatten(-1, (-1, 2, half) if self.export_layout else (-1, half, 2))
-        swap = torch.tensor([1, 0], device=x.device)
-        return (heads * cos + heads.index_select(-2 if self.export_layout else -1, swap) * sin).flatten(-3)
+        swapped = heads.index_select(-2 if self.export_layout else -1, self.swap_index)
+        return (heads * cos + swapped * sin).flatten(-3)
 
     def _attend_sdpa(self, q, k, v, tables):
         """Eager path: fused SDPA kernels on strided head views of the (B, H, W, C) tensors, so no
@@ -315,9 +317,8 @@ class RelPos(nn.Module):
     def forward(self, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
         """The rotary tables (``exp(i p theta)`` and None, or cos and signed sin laid out like the
         q/k channels, one entry per head so graph runtimes broadcast over the batch only), then the
-        decay bias: (n, W, W), (n, H, H) and (eager
-        only, None when large or tracing) the H-pass SDPA mask (1, W*n, H, H) for decomposed
-        stages, (n, HW, HW) for full ones."""
+        decay bias: (n, W, W), (n, H, H) and (eager only, None when large or tracing) the H-pass
+        SDPA mask (1, W*n, H, H) for decomposed stages, (n, HW, HW) for full ones."""
         kind = self.rotary_kind(dtype)
         key = (h, w, dtype, self.decay.device, kind)
         if _is_tracing() and not isinstance(h, torch.SymInt) and not isinstance(w, torch.SymInt):

@@ -3,7 +3,8 @@
 eager fp32 and ONNX Runtime fp32 (an rmt_t export) at batch 1 and 8, 224x224, against a
 1024x1024x1024 torch matmul timed in the same process (warm, median of 10 per round); each round
 times every variant once (after a short pause, so one runtime's spinning worker threads do not
-steal cores from the next), so machine noise hits all of them alike. Prints medians, fractions of the matmul peak and ratios.
+steal cores from the next), so machine noise hits all of them alike. Prints medians, fractions of
+the matmul peak and ratios.
 Usage: .venv/bin/python scripts/cpu_targets.py [--onnx exports/rmt_t/rmt_t_fp32.onnx] [--rounds 7]
 """
 from __future__ import annotations
