@@ -113,9 +113,9 @@ def open_backend(backend: str, model, precision: str, batch: int, settings: Sett
             torch._dynamo.reset()          # a fresh compile cache: no recompile limit carried over
         # each runner casts/moves its own copy, leaving the shared model fp32 on CPU for exporting
         return open_runner(backend, model=copy.deepcopy(model), device=settings.device, precision=precision), None
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "openvino"):
         path = Path(onnx) if onnx else cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=precision == "fp16")
-        return open_runner("onnxruntime", onnx=path, device=settings.device, threads=settings.threads), path
+        return open_runner(backend, onnx=path, device=settings.device, threads=settings.threads), path
     if backend == "tensorrt":
         reason = tensorrt_unavailable_reason(settings.device)
         if reason:
@@ -235,7 +235,7 @@ def _run_one(backend, model, precision, batch, settings, cache, onnx, engine, ma
         runner, artifact = open_backend(backend, model, precision, batch, settings, cache, onnx, engine)
         memory = _Memory(settings.device, backend)
         runner.load()
-        if backend == "onnxruntime" and runner.precision != precision:     # a --onnx file decides its own
+        if backend in ("onnxruntime", "openvino") and runner.precision != precision:    # a --onnx file decides its own
             raise RunnerUnavailable(f"{artifact} runs in {runner.precision}, not {precision}")
         if progress:
             progress.update(task, description=label)

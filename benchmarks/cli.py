@@ -19,11 +19,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="variant names and/or config JSON paths, comma-separated (or inline JSON)")
     parser.add_argument("--checkpoint", help="released checkpoint (any format rmt_deploy reads); one model only")
     parser.add_argument("--backends", type=_csv(), default=["eager", "onnxruntime"],
-                        help="comma-separated: eager, compile, onnxruntime, tensorrt")
+                        help="comma-separated: eager, compile, onnxruntime, openvino, tensorrt")
     parser.add_argument("--precision", type=_csv(), default=["fp32"], help="comma-separated: fp32, fp16")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads (default: theirs)")
+    parser.add_argument("--threads", type=int, help="torch, ONNX Runtime and OpenVINO threads (default: theirs)")
     parser.add_argument("--cache-dir", default=".rmt_cache", help="where exported ONNX files and engines are kept")
     parser.add_argument("--json", help="write the full report as JSON")
 

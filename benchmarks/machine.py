@@ -50,7 +50,7 @@ def machine_info(device: str) -> dict:
         "cuda": torch.version.cuda,
         "versions": {"python": platform.python_version(),
                      **{d: _version(d) for d in ("rmt-deploy", "torch", "numpy", "onnx", "onnxruntime",
-                                                  "onnxruntime-gpu", "tensorrt")}},
+                                                  "onnxruntime-gpu", "openvino", "tensorrt")}},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # a busy machine slows every number: say how busy it was (1/5/15-minute load averages)
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -44,7 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--url", help="target a running server instead of starting one")
     p.add_argument("--model", default="rmt_t")
     p.add_argument("--checkpoint")
-    p.add_argument("--backend", default="eager", choices=["eager", "compile", "onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="eager", choices=["eager", "compile", "onnxruntime", "openvino", "tensorrt"])
     p.add_argument("--onnx")
     p.add_argument("--engine")
     p.add_argument("--device", default="cpu")

@@ -18,8 +18,8 @@ class ServeSettings(BaseSettings):
     checkpoint: Path | None = Field(None, description="released .pth checkpoint (random weights without one)")
     task: Literal["classify", "features"] = Field("classify", description="eager/compile only: classification "
                                                   "head or the four backbone stages (ONNX/TensorRT files say which)")
-    backend: Literal["eager", "compile", "onnxruntime", "tensorrt"] = "eager"
-    onnx: Path | None = Field(None, description="ONNX file for --backend onnxruntime")
+    backend: Literal["eager", "compile", "onnxruntime", "openvino", "tensorrt"] = "eager"
+    onnx: Path | None = Field(None, description="ONNX file for --backend onnxruntime or openvino")
     engine: Path | None = Field(None, description="TensorRT engine for --backend tensorrt")
     device: str = "cpu"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -46,8 +46,8 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _backend_has_its_file(self) -> "ServeSettings":
-        if self.backend == "onnxruntime" and self.onnx is None:
-            raise ValueError("--backend onnxruntime needs --onnx FILE")
+        if self.backend in ("onnxruntime", "openvino") and self.onnx is None:
+            raise ValueError(f"--backend {self.backend} needs --onnx FILE")
         if self.backend == "tensorrt" and self.engine is None:
             raise ValueError("--backend tensorrt needs --engine FILE")
         return self

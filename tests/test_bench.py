@@ -3,6 +3,7 @@ table and the accuracy mode."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 
@@ -57,7 +58,7 @@ def bench_run(tmp_path_factory, config_path, cache, tiny_checkpoint):
     """With the checkpoint the accuracy test uses, so its batch-2 ONNX file comes from the cache."""
     out = tmp_path_factory.mktemp("bench")
     paths = {k: out / f"r.{k}" for k in ("json", "csv", "png")}
-    rc = main(["--model", str(config_path), "--checkpoint", str(tiny_checkpoint), "--backends", "eager,onnxruntime,tensorrt", "--batch-sizes", "1,2",
+    rc = main(["--model", str(config_path), "--checkpoint", str(tiny_checkpoint), "--backends", "eager,onnxruntime,openvino,tensorrt", "--batch-sizes", "1,2",
                *FAST, "--cache-dir", cache, "--json", str(paths["json"]), "--csv", str(paths["csv"]),
                "--plot", str(paths["png"]), "--paper-table"])
     assert rc == 0
@@ -76,10 +77,11 @@ def test_bench_json_schema_and_figures(bench_run, tiny_config):
     assert report["models"]["tiny"]["checkpoint"]["sha256"]
     results = report["results"]
     assert {(r["backend"], r["batch_size"]) for r in results} == {
-        (b, n) for b in ("eager", "onnxruntime", "tensorrt") for n in (1, 2)}
+        (b, n) for b in ("eager", "onnxruntime", "openvino", "tensorrt") for n in (1, 2)}
+    runs_here = {"eager", "onnxruntime"} | ({"openvino"} if importlib.util.find_spec("openvino") else set())
     for r in results:
         assert r["model"] == "tiny" and r["precision"] == "fp32"
-        if r["backend"] in ("eager", "onnxruntime"):       # both run on every machine
+        if r["backend"] in runs_here:       # CPU backends that are installed must run
             assert "skipped" not in r, r.get("skipped")
             _check_measured(r, macs)
             assert r["peak_fraction"] == pytest.approx(r["gflops"] / peak["gflops"])
@@ -181,14 +183,17 @@ def image_folder(tmp_path_factory):
 def test_accuracy_mode(image_folder, tiny_checkpoint, tiny_config, config_path, cache, tmp_path):
     out = tmp_path / "acc.json"
     assert main(["accuracy", "--data", str(image_folder), "--model", str(config_path), "--checkpoint",
-                 str(tiny_checkpoint), "--backends", "eager,onnxruntime", "--batch-size", "2", "--img-size", str(SIZE),
+                 str(tiny_checkpoint), "--backends", "eager,onnxruntime,openvino", "--batch-size", "2", "--img-size", str(SIZE),
                  "--cache-dir", cache, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    eager, ort = report["results"]
-    assert (eager["backend"], ort["backend"]) == ("eager", "onnxruntime")
-    for r in (eager, ort):
+    eager, *runtimes = report["results"]
+    assert [r["backend"] for r in report["results"]] == ["eager", "onnxruntime", "openvino"]
+    if not importlib.util.find_spec("openvino"):
+        assert "OpenVINO is not installed" in runtimes.pop()["skipped"]
+    for r in (eager, *runtimes):
         assert r["images"] == 9 and 0.0 <= r["top1"] <= r["top5"] <= 1.0
-    assert ort["top1_agreement"] == 1.0 and ort["top1"] == eager["top1"] and ort["top5"] == eager["top5"]
+    for r in runtimes:
+        assert r["top1_agreement"] == 1.0 and r["top1"] == eager["top1"] and r["top5"] == eager["top5"]
     # recount top-1/top-5 of the eager model directly: the tool's bookkeeping (padding, labels) is right
     paths, labels = labelled_images(image_folder)
     assert list(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]

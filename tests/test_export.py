@@ -26,12 +26,12 @@ def trt_supported_ops() -> set[str]:
     return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
 
 
-def eager_vs_onnx(model, path, shapes, tolerance):
+def eager_vs_onnx(model, path, shapes, tolerance, backend="onnxruntime"):
     eager = open_runner("eager", model=model).load()
-    ort = open_runner("onnxruntime", onnx=path).load()
+    runtime = open_runner(backend, onnx=path).load()
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
-    return check_parity(eager, ort, batches, tolerance)
+    return check_parity(eager, runtime, batches, tolerance)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,31 @@ def test_fp16_parity_on_cpu(tiny_static, tmp_path):
     report = eager_vs_onnx(model, fp16, [(1, 3, 64, 96)] * 2, Tolerance.for_precision("fp16"))
     report.raise_for_failure()
     assert report.summary()["cosine"] >= 0.999
+
+
+def test_openvino_runs_the_exports_like_eager(tiny_static, tmp_path):
+    """The OpenVINO runner on the same files: static and dynamic-batch fp32 within the fp32 gate
+    (so it really computes in float32, not bfloat16), and the fp16 file within the fp16 gate."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
+    model, path = tiny_static
+    report = eager_vs_onnx(model, path, [(1, 3, 64, 96)] * 2, Tolerance(), backend="openvino")
+    report.raise_for_failure()
+    dynamic = export_onnx(model, tmp_path / "dyn.onnx", dynamic_batch=True, height=64, width=64)
+    report = eager_vs_onnx(model, dynamic, [(1, 3, 64, 64), (5, 3, 64, 64)], Tolerance(), backend="openvino")
+    report.raise_for_failure()
+    assert report.outputs[0].shape == (6, 10)
+    runner = open_runner("openvino", onnx=write_fp16(path, tmp_path / "h.onnx")).load()
+    assert runner.precision == "fp16" and runner.metadata().inputs[0].dtype == "float16"
+    assert runner.metadata().extra["rmt.task"] == "classify"
+    report = eager_vs_onnx(model, runner.path, [(1, 3, 64, 96)] * 2, Tolerance.for_precision("fp16"), backend="openvino")
+    report.raise_for_failure()
+
+
+def test_openvino_runner_refuses_other_devices(tiny_static):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
+    from rmt_deploy.runners import RunnerUnavailable
+    with pytest.raises(RunnerUnavailable, match="CPU only"):
+        open_runner("openvino", onnx=tiny_static[1], device="cuda")
 
 
 def test_rmt_t_static_export_matches_eager(tmp_path):

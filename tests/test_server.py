@@ -401,14 +401,17 @@ def test_schemathesis_fuzz_finds_no_server_errors(classify_url):
 
 # --- other backends, CLI, container -------------------------------------------------------------
 
-def test_onnxruntime_backend_matches_eager(tmp_path, tiny_model, eager, model_files):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_onnx_backends_match_eager(backend, tmp_path, tiny_model, eager, model_files):
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
     export = pytest.importorskip("rmt_deploy.exporters.onnx_export")
     onnx = export.export_onnx(tiny_model, tmp_path / "tiny.onnx", dynamic_batch=True)
-    settings = ServeSettings(backend="onnxruntime", onnx=onnx, threads=1, max_batch_size=4, model_name=MODEL_NAME)
+    settings = ServeSettings(backend=backend, onnx=onnx, threads=1, max_batch_size=4, model_name=MODEL_NAME)
     data = jpeg(4)
     with TestClient(create_app(settings)) as client:
         body = client.post("/classify", content=data, headers={"content-type": "image/jpeg"}).json()
-    assert body["backend"] == "onnxruntime"
+    assert body["backend"] == backend
     probs = softmax(eager(preprocess(decode_image(data))[None])[0])
     assert body["predictions"][0]["index"] == int(np.argmax(probs))
     assert body["predictions"][0]["score"] == pytest.approx(probs.max(), abs=1e-3)

@@ -1,9 +1,9 @@
-"""Backends behind one interface. Heavy libraries (onnxruntime, tensorrt) load only when used."""
+"""Backends behind one interface. Heavy libraries (onnxruntime, openvino, tensorrt) load only when used."""
 from __future__ import annotations
 
 from .base import INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing, output_names
 
-BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
+BACKENDS = ("eager", "compile", "onnxruntime", "openvino", "tensorrt")
 
 
 def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str = "cpu",
@@ -19,6 +19,11 @@ def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str
         if onnx is None:
             raise ValueError("backend 'onnxruntime' needs an ONNX file")
         return OnnxRuntimeRunner(onnx, device=device, threads=threads)
+    if backend == "openvino":
+        from .openvino import OpenVINORunner
+        if onnx is None:
+            raise ValueError("backend 'openvino' needs an ONNX file")
+        return OpenVINORunner(onnx, device=device, threads=threads)
     if backend == "tensorrt":
         from .tensorrt import TensorRTRunner
         if engine is None:

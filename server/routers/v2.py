@@ -23,7 +23,7 @@ from ..uploads import read_body
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 HEADER_LENGTH = "Inference-Header-Content-Length"
 PLATFORMS = {"eager": "pytorch_libtorch", "compile": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx",
-             "tensorrt": "tensorrt_plan"}
+             "openvino": "openvino", "tensorrt": "tensorrt_plan"}
 
 
 def _inlined_schema(model) -> dict:

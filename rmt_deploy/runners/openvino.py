@@ -1,0 +1,94 @@
+"""OpenVINO runner (CPU) over the same ONNX files ONNX Runtime runs.
+
+OpenVINO's CPU plugin fuses the LayerNorm, GELU and attention chains of the exported graph into
+JIT kernels, so on Intel (AVX-512) CPUs it is often the fastest CPU backend. Two settings keep its
+numbers honest: float32 files run with float32 inference precision (on AMX/AVX-512-BF16 CPUs the
+plugin would otherwise silently compute in bfloat16), and the latency hint (one stream using
+every core), which is what one call at a time (the benchmark, the server's batcher) measures.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .base import Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
+
+
+def _import_openvino():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise RunnerUnavailable("OpenVINO is not installed (pip install 'rmt-deploy[openvino]', or openvino)") from exc
+    return openvino
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    """The exporter's ``rmt.*`` metadata (OpenVINO's model API does not expose ONNX metadata_props)."""
+    import onnx
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+class OpenVINORunner(Runner):
+    backend = "openvino"
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
+        super().__init__()
+        self.path, self.device, self.threads = Path(path), device, threads
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        if device != "cpu":
+            raise RunnerUnavailable(f"the OpenVINO runner runs on the CPU only (asked for {device!r})")
+        self.compiled = None
+        self._lock = threading.Lock()      # one infer request, shared by the server's worker threads
+
+    def _load(self) -> None:
+        ov = _import_openvino()
+        core = ov.Core()
+        model = core.read_model(os.fspath(self.path))
+        input_type = model.inputs[0].get_element_type()
+        self.precision = "fp16" if input_type == ov.Type.f16 else "fp32"
+        fp16_capable = "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        config = {"PERFORMANCE_HINT": "LATENCY",
+                  # an FP16 file computes in FP16 where the CPU has FP16 arithmetic (AVX512-FP16, AMX-FP16),
+                  # float32 everywhere else; never bfloat16 behind the user's back
+                  "INFERENCE_PRECISION_HINT": "f16" if self.precision == "fp16" and fp16_capable else "f32"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        self.compiled = core.compile_model(model, "CPU", config)
+        self._request = self.compiled.create_infer_request()
+        self._versions = {"openvino": ov.__version__,
+                          "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()}
+        self._metadata = _onnx_metadata(self.path)
+
+    @staticmethod
+    def _specs(ports) -> list[TensorSpec]:
+        specs = []
+        for port in ports:
+            dims = tuple(d.get_length() if d.is_static else "dynamic" for d in port.get_partial_shape())
+            specs.append(TensorSpec(port.get_any_name(), dims, np.dtype(port.get_element_type().to_dtype()).name))
+        return specs
+
+    def metadata(self) -> RunnerMetadata:
+        if self.compiled is None:
+            raise RuntimeError(f"{self.name}: call load() first")
+        return RunnerMetadata(self._specs(self.compiled.inputs), self._specs(self.compiled.outputs),
+                              {"path": os.fspath(self.path), **self._versions, **self._metadata})
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            start = time.perf_counter()
+            results = self._request.infer(dict(feed), share_inputs=True)
+            outs = {port.get_any_name(): np.array(results[port], dtype=np.float32)
+                    for port in self.compiled.outputs}
+            self.last_timing = Timing(compute_ms=(time.perf_counter() - start) * 1e3)
+        return outs
+
+    def close(self) -> None:
+        self.compiled = self._request = None
+        super().close()
