@@ -18,7 +18,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="rmt_t",
                         help="variant names and/or config JSON paths, comma-separated (or inline JSON)")
     parser.add_argument("--checkpoint", help="released checkpoint (any format rmt_deploy reads); one model only")
-    parser.add_argument("--backends", type=_csv(), default=["eager", "onnxruntime"],
+    parser.add_argument("--backends", type=_csv(), default=["eager", "onnxruntime", "openvino"],
                         help="comma-separated: eager, compile, onnxruntime, openvino, tensorrt")
     parser.add_argument("--precision", type=_csv(), default=["fp32"], help="comma-separated: fp32, fp16")
     parser.add_argument("--img-size", type=int, default=224)

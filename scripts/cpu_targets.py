@@ -1,11 +1,12 @@
-"""CPU speed targets of the core and export issues, measured interleaved in one process.
+"""CPU speed targets of the core and benchmark issues, measured interleaved in one process.
 
-eager fp32 and ONNX Runtime fp32 (an rmt_t export) at batch 1 and 8, 224x224, against a
+eager fp32, ONNX Runtime fp32 and (when installed) OpenVINO fp32 on rmt_t at batch 1 and 8,
+224x224, the runtimes on the static-shape exports rmt-bench uses (its artifact cache), against a
 1024x1024x1024 torch matmul timed in the same process (warm, median of 10 per round); each round
 times every variant once (after a short pause, so one runtime's spinning worker threads do not
 steal cores from the next), so machine noise hits all of them alike. Prints medians, fractions of
 the matmul peak and ratios.
-Usage: .venv/bin/python scripts/cpu_targets.py [--onnx exports/rmt_t/rmt_t_fp32.onnx] [--rounds 7]
+Usage: .venv/bin/python scripts/cpu_targets.py [--rounds 7] [--cache-dir .rmt_cache]
 """
 from __future__ import annotations
 
@@ -16,26 +17,34 @@ import time
 import numpy as np
 import torch
 
-from rmt_deploy import VARIANTS, create_model
+from rmt_deploy.benchmarks.artifacts import ArtifactCache
+from rmt_deploy.benchmarks.bench import load_model
 from rmt_deploy.flops import count_macs
-from rmt_deploy.runners import open_runner
+from rmt_deploy.runners import RunnerUnavailable, open_runner
+
+BATCHES = (1, 8)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--onnx", default="exports/rmt_t/rmt_t_fp32.onnx", help="a dynamic-batch rmt_t export")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--cache-dir", default=".rmt_cache", help="rmt-bench's cache of exported ONNX files")
     args = ap.parse_args()
-    macs = count_macs(VARIANTS["rmt_t"])["total"]
-    eager = open_runner("eager", model=create_model("rmt_t")).load()
-    ort = open_runner("onnxruntime", onnx=args.onnx).load()
-    inputs = {b: np.random.default_rng(0).standard_normal((b, 3, 224, 224), dtype=np.float32) for b in (1, 8)}
+    model = load_model("rmt_t")
+    macs = count_macs(model.config)["total"]
+    files = {bs: ArtifactCache(args.cache_dir).onnx(model, batch_size=bs, size=224) for bs in BATCHES}
+    runners = {("eager", bs): open_runner("eager", model=model).load() for bs in BATCHES}
+    for backend in ("onnxruntime", "openvino"):
+        try:
+            runners.update({(backend, bs): open_runner(backend, onnx=files[bs]).load() for bs in BATCHES})
+        except RunnerUnavailable as exc:
+            print(f"{backend} skipped: {exc}")
+    inputs = {bs: np.random.default_rng(0).standard_normal((bs, 3, 224, 224), dtype=np.float32) for bs in BATCHES}
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    runs = {(name, bs): [] for name in ("eager", "onnxruntime") for bs in (1, 8)}
+    runs = {key: [] for key in runners}
     peaks = []
-    for runner in (eager, ort):
-        for x in inputs.values():
-            runner.infer({"images": x})
+    for (_, bs), runner in runners.items():
+        runner.infer({"images": inputs[bs]})
     for _ in range(args.rounds):
         samples = []
         for _ in range(10):     # warm, back to back: the conservative (higher) peak, as rmt-bench measures it
@@ -43,19 +52,20 @@ def main() -> None:
             a @ b
             samples.append(2 * 1024**3 / (time.perf_counter() - start) / 1e9)
         peaks.append(statistics.median(samples))
-        for name, runner in (("eager", eager), ("onnxruntime", ort)):
-            for bs, x in inputs.items():
-                time.sleep(0.2)     # let the other runtime's worker threads stop spinning first
-                start = time.perf_counter()
-                runner.infer({"images": x})
-                runs[(name, bs)].append(bs / (time.perf_counter() - start))
+        for (name, bs), runner in runners.items():
+            time.sleep(0.2)     # let the other runtime's worker threads stop spinning first
+            start = time.perf_counter()
+            runner.infer({"images": inputs[bs]})
+            runs[(name, bs)].append(bs / (time.perf_counter() - start))
     peak = statistics.median(peaks)
-    print(f"matmul peak (median over {len(peaks)} rounds of warm 10-matmul medians): {peak:.1f} GFLOP/s; rmt_t {macs / 1e9:.3f} G multiply-adds")
+    print(f"matmul peak (median over {len(peaks)} rounds of warm 10-matmul medians): {peak:.1f} GFLOP/s; "
+          f"rmt_t {macs / 1e9:.3f} G multiply-adds")
     ips = {k: statistics.median(v) for k, v in runs.items()}
     for (name, bs), value in ips.items():
         print(f"{name:12s} batch {bs}: {value:6.2f} images/s  {2 * macs * value / 1e9 / peak:6.1%} of peak")
-    for bs in (1, 8):
-        print(f"onnxruntime / eager at batch {bs}: {ips[('onnxruntime', bs)] / ips[('eager', bs)]:.2f}x")
+    for name in dict.fromkeys(name for name, _ in runners if name != "eager"):
+        for bs in BATCHES:
+            print(f"{name} / eager at batch {bs}: {ips[(name, bs)] / ips[('eager', bs)]:.2f}x")
 
 
 if __name__ == "__main__":
