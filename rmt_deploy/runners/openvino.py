@@ -27,11 +27,12 @@ def _import_openvino():
     return openvino
 
 
-def _onnx_metadata(path: Path) -> dict[str, str]:
-    """The exporter's ``rmt.*`` metadata (OpenVINO's model API does not expose ONNX metadata_props)."""
-    import onnx
-    proto = onnx.load(os.fspath(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
+def _onnx_metadata(model) -> dict[str, str]:
+    """The exporter's ``rmt.*`` metadata: OpenVINO's ONNX reader keeps metadata_props under 'framework'."""
+    if not model.has_rt_info(["framework"]):
+        return {}
+    props = model.get_rt_info()["framework"]
+    return {key: props[key].astype(str) for key in props.keys()}
 
 
 class OpenVINORunner(Runner):
@@ -64,7 +65,7 @@ class OpenVINORunner(Runner):
         self._request = self.compiled.create_infer_request()
         self._versions = {"openvino": ov.__version__,
                           "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()}
-        self._metadata = _onnx_metadata(self.path)
+        self._metadata = _onnx_metadata(model)
 
     @staticmethod
     def _specs(ports) -> list[TensorSpec]:
