@@ -3,6 +3,7 @@ loads and warms the model before the server reports ready and drains the batcher
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -19,6 +20,8 @@ from .model_host import ServedModel, load_served_model
 from .routers import classify, features, health, metrics, v2
 from .settings import ServeSettings
 from .state import ServerState
+
+log = logging.getLogger("uvicorn.error")     # the server's own log, shown next to uvicorn's startup lines
 
 
 class RequestMetricsMiddleware:
@@ -53,9 +56,13 @@ async def lifespan(app: FastAPI):
     settings: ServeSettings = app.state.settings
     served = app.state.preloaded or await asyncio.to_thread(load_served_model, settings)
     app.state.preloaded = None
+    max_batch_size = served.max_batch_size(settings.max_batch_size)
+    if max_batch_size != settings.max_batch_size:
+        log.info("the model file has a static batch of %d: batches of up to %d images, smaller ones padded "
+                 "(--max-batch-size %d does not apply)", max_batch_size, max_batch_size, settings.max_batch_size)
     if settings.warmup:
-        await asyncio.to_thread(served.warmup, settings.max_batch_size)
-    batcher = DynamicBatcher(served.runner, app.state.metrics, max_batch_size=settings.max_batch_size,
+        await asyncio.to_thread(served.warmup, max_batch_size)
+    batcher = DynamicBatcher(served.infer, app.state.metrics, max_batch_size=max_batch_size,
                              max_delay_ms=settings.max_delay_ms, max_queue_size=settings.max_queue_size)
     batcher.start()
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="rmt-decode")

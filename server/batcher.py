@@ -3,19 +3,18 @@ dynamic batcher does, because a batch of 8 costs far less than 8 batches of 1.
 
 Requests wait in a bounded queue (full: `QueueFull`, the caller answers 503). One task on the event
 loop forms batches up to ``max_batch_size`` images, waiting at most ``max_delay_ms`` after the
-first one, and runs the runner in a single worker thread so the loop keeps serving. Every request
+first one, and runs inference in a single worker thread so the loop keeps serving. Every request
 gets back exactly its own rows of every output.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from rmt_deploy.runners import INPUT_NAME, Runner
 
 from .metrics import ServerMetrics
 
@@ -40,9 +39,9 @@ class _Pending:
 
 
 class DynamicBatcher:
-    def __init__(self, runner: Runner, metrics: ServerMetrics, *, max_batch_size: int, max_delay_ms: float,
-                 max_queue_size: int):
-        self.runner, self.metrics = runner, metrics
+    def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], metrics: ServerMetrics, *,
+                 max_batch_size: int, max_delay_ms: float, max_queue_size: int):
+        self.infer, self.metrics = infer, metrics
         self.max_batch_size, self.max_delay_s = max_batch_size, max_delay_ms / 1e3
         self.max_queue_size = max_queue_size
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -107,7 +106,7 @@ class DynamicBatcher:
             started = time.perf_counter()
             self._busy = True
             try:
-                outputs = await loop.run_in_executor(self._executor, self.runner.infer, {INPUT_NAME: images})
+                outputs = await loop.run_in_executor(self._executor, self.infer, images)
             except Exception as exc:  # the runner failed: every request of this batch gets the error
                 for p in batch:
                     if not p.future.done():

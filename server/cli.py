@@ -1,7 +1,6 @@
 """``rmt-serve``: flags (or RMT_* environment variables) -> settings -> uvicorn."""
 from __future__ import annotations
 
-import logging
 import sys
 
 import uvicorn
@@ -14,8 +13,6 @@ from rmt_deploy.runners import RunnerUnavailable
 from .app import create_app
 from .model_host import load_served_model
 from .settings import ServeSettings
-
-log = logging.getLogger("rmt_deploy.server")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,16 +26,32 @@ class ServedModel:
     labels: list[str]
     output_names: list[str]
     output_channels: list[int]
+    static_batch: int | None = None     # an ONNX file / engine exported for exactly this batch size
 
     @property
     def strides(self) -> dict[str, int]:
         return dict(zip(self.output_names, STAGE_STRIDES)) if self.task == "features" else {}
 
+    def max_batch_size(self, requested: int) -> int:
+        """The largest batch the server may form: a static-batch file fixes it."""
+        return self.static_batch or requested
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs for ``images``; a batch smaller than a static-batch file's is padded with zeros
+        (static shapes are what runtimes optimise best) and the padding's rows are dropped."""
+        n = len(images)
+        if self.static_batch is None or n == self.static_batch:
+            return self.runner.infer({INPUT_NAME: images})
+        padding = np.zeros((self.static_batch - n, *images.shape[1:]), images.dtype)
+        outputs = self.runner.infer({INPUT_NAME: np.concatenate([images, padding])})
+        return {name: value[:n] for name, value in outputs.items()}
+
     def warmup(self, max_batch_size: int) -> None:
         """Run every batch size the batcher can form once, so no request pays for first-time allocation
         (or compilation) and the allocator's pools have grown before memory is watched."""
-        for batch_size in range(1, max_batch_size + 1):
-            self.runner.infer({INPUT_NAME: np.zeros((batch_size, 3, self.image_size, self.image_size), np.float32)})
+        sizes = [self.static_batch] if self.static_batch else range(1, max_batch_size + 1)
+        for batch_size in sizes:
+            self.infer(np.zeros((batch_size, 3, self.image_size, self.image_size), np.float32))
 
 
 def _model_spec(model: str):
@@ -48,6 +64,7 @@ def _model_spec(model: str):
 
 def load_served_model(settings: ServeSettings) -> ServedModel:
     """Build and load the runner. Raises CheckpointError / RunnerUnavailable / ValueError for the CLI."""
+    static_batch = None
     if settings.backend in ("eager", "compile"):
         if settings.threads:
             import torch
@@ -73,5 +90,7 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
         outputs = [t.name for t in meta.outputs]
         channels = [int(t.shape[1]) for t in meta.outputs]
         num_classes = int(extra.get("rmt.num_classes", channels[0]))
+        batch = meta.inputs[0].shape[0]
+        static_batch = batch if isinstance(batch, int) else None
     labels = class_labels(num_classes) if task == "classify" else []
-    return ServedModel(runner, name, task, size, labels, outputs, channels)
+    return ServedModel(runner, name, task, size, labels, outputs, channels, static_batch)

@@ -417,6 +417,34 @@ def test_onnx_backends_match_eager(backend, tmp_path, tiny_model, eager, model_f
     assert body["predictions"][0]["score"] == pytest.approx(probs.max(), abs=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_static_batch_file_is_served_padded(backend, tmp_path, tiny_model, eager):
+    """The exporter's default file has a static batch: the server forms batches of at most that size,
+    pads smaller ones and answers every request with its own rows only."""
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
+    export = pytest.importorskip("rmt_deploy.exporters.onnx_export")
+    size = 64
+    onnx = export.export_onnx(tiny_model, tmp_path / "static.onnx", batch_size=2, height=size, width=size)
+    settings = ServeSettings(backend=backend, onnx=onnx, threads=1, max_batch_size=8, model_name=MODEL_NAME)
+    images = np.stack([preprocess(decode_image(jpeg(seed)), size) for seed in (5, 6, 7)])
+    want = eager(images)
+    url = f"/v2/models/{MODEL_NAME}/infer"
+
+    def request(x: np.ndarray) -> dict:
+        return {"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+
+    with TestClient(create_app(settings)) as client:
+        body = client.post("/classify", content=jpeg(5), headers={"content-type": "image/jpeg"}).json()
+        assert body["predictions"][0]["index"] == int(np.argmax(want[0]))
+        for n in (1, 2):
+            out = client.post(url, json=request(images[:n])).json()["outputs"][0]
+            assert out["shape"] == [n, want.shape[1]]
+            np.testing.assert_allclose(np.reshape(out["data"], out["shape"]), want[:n], rtol=1e-4, atol=1e-5)
+        r = client.post(url, json=request(images))
+        assert r.status_code == 400 and "1 <= N <= 2" in r.json()["error"]
+
+
 def test_cli_reports_clean_errors(tmp_path, capsys):
     assert serve_main(["--backend", "onnxruntime"]) == 2
     assert "--onnx" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def _parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest
 
 
 def _input_array(request: InferRequest, binary: bytes, state: ServerState) -> np.ndarray:
-    size, max_batch = state.model.image_size, state.settings.max_batch_size
+    size, max_batch = state.model.image_size, state.batcher.max_batch_size
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
         raise ApiError(400, f"expected exactly one input named {INPUT_NAME!r}, got {[t.name for t in request.inputs]}")
     tensor = request.inputs[0]
