@@ -149,9 +149,16 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
 
 
 def run_batches(runner: Runner, batches: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of ``runner`` over several input batches, concatenated along the batch axis."""
+    """Outputs of ``runner`` over several input batches, concatenated along the batch axis; an output
+    whose other dimensions differ between batches (feature maps of inputs of different sizes) is
+    flattened per batch and joined, so the statistics still cover every value."""
     results = [runner.infer({INPUT_NAME: b}) for b in batches]
-    return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+    joined = {}
+    for name in results[0]:
+        parts = [r[name] for r in results]
+        same_shape = all(p.shape[1:] == parts[0].shape[1:] for p in parts)
+        joined[name] = np.concatenate(parts if same_shape else [p.ravel() for p in parts])
+    return joined
 
 
 def check_parity(reference: Runner, candidate: Runner, batches: list[np.ndarray], tolerance: Tolerance) -> ParityReport:

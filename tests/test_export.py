@@ -98,6 +98,18 @@ def test_dynamic_hw_features_export(tmp_path, tiny_checkpoint):
         assert report.outputs[1].shape == stage2
 
 
+def test_cli_features_dynamic_hw_export_passes_its_gate(tmp_path, tiny_checkpoint):
+    """The gate's extra odd-size batch gives feature maps of another size than the others."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    assert cli.main(["--model", str(config), "--checkpoint", str(tiny_checkpoint), "--task", "features", "--dynamic-hw",
+                     "64:96:160", "--output", str(tmp_path / "art"), "--format", "onnx"]) == 0
+    manifest = json.loads((tmp_path / "art" / "export.json").read_text())
+    art, = manifest["artifacts"]
+    assert art["parity"]["passed"] and art["parity"]["max_rel"] <= 1e-4
+    assert [o["name"] for o in art["outputs"]] == ["stage1", "stage2", "stage3", "stage4"]
+
+
 def test_dynamic_batch_export_serves_several_batch_sizes(tmp_path, tiny_model):
     path = export_onnx(tiny_model, tmp_path / "dyn.onnx", dynamic_batch=True, height=64, width=64)
     assert not tiny_model.layers[0].Relpos.export_layout, "export must work on a copy of the caller's model"
