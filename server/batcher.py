@@ -60,6 +60,8 @@ class DynamicBatcher:
         n = len(images)
         if n > self.max_batch_size:
             raise ValueError(f"batch of {n} is above the server's max batch size {self.max_batch_size}")
+        if n > self.max_queue_size:
+            raise ValueError(f"batch of {n} is above the server's queue size {self.max_queue_size}")
         if self._queued_images + n > self.max_queue_size:
             raise QueueFull(f"queue full ({self._queued_images} images waiting)")
         pending = _Pending(images, asyncio.get_running_loop().create_future())

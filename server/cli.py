@@ -7,9 +7,6 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 
-from rmt_deploy import CheckpointError
-from rmt_deploy.runners import RunnerUnavailable
-
 from .app import create_app
 from .model_host import load_served_model
 from .settings import ServeSettings
@@ -25,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         # Fail fast with a clean message (missing file, TensorRT absent, bad checkpoint) before binding;
         # the loaded model is handed to the app, so it is loaded once.
         served = load_served_model(settings)
-    except (CheckpointError, RunnerUnavailable, ImportError, ValueError, OSError) as exc:
-        print(f"rmt-serve: cannot load the model: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 -- ours (checkpoint, missing backend) or the runtime's (corrupt file)
+        print(f"rmt-serve: cannot load the model: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     uvicorn.run(create_app(settings, served), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.graceful_timeout_s)

@@ -62,6 +62,17 @@ def _model_spec(model: str):
     return model
 
 
+def _served_size(height, width, requested: int) -> int:
+    """Images are resized and centre-cropped to S x S: a file's fixed size decides S, a dynamic one
+    takes --image-size."""
+    if isinstance(height, int) and isinstance(width, int):
+        if height != width:
+            raise ValueError(f"the server feeds square S x S crops; this file takes {height}x{width} inputs "
+                             "(export it with one --img-size, or with --dynamic-hw)")
+        return height
+    return requested
+
+
 def load_served_model(settings: ServeSettings) -> ServedModel:
     """Build and load the runner. Raises CheckpointError / RunnerUnavailable / ValueError for the CLI."""
     static_batch = None
@@ -84,13 +95,16 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
         runner.load()
         meta = runner.metadata()
         extra = meta.extra
+        if "precision" in settings.model_fields_set and settings.precision != runner.precision:
+            raise ValueError(f"{runner.path} computes in {runner.precision}; --precision {settings.precision} applies to "
+                             "the eager/compile backends (export a file of that precision instead)")
         task = extra.get("rmt.task", "classify")
-        size = int(extra.get("rmt.height", settings.image_size))
+        batch, _, height, width = meta.inputs[0].shape
+        size = _served_size(height, width, settings.image_size)
         name = settings.model_name or extra.get("rmt.model", "rmt")
         outputs = [t.name for t in meta.outputs]
         channels = [int(t.shape[1]) for t in meta.outputs]
         num_classes = int(extra.get("rmt.num_classes", channels[0]))
-        batch = meta.inputs[0].shape[0]
         static_batch = batch if isinstance(batch, int) else None
     labels = class_labels(num_classes) if task == "classify" else []
     return ServedModel(runner, name, task, size, labels, outputs, channels, static_batch)

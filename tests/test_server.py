@@ -445,11 +445,42 @@ def test_static_batch_file_is_served_padded(backend, tmp_path, tiny_model, eager
         assert r.status_code == 400 and "1 <= N <= 2" in r.json()["error"]
 
 
-def test_cli_reports_clean_errors(tmp_path, capsys):
+def test_dynamic_size_features_file_is_served_at_image_size(tmp_path, tiny_config, tiny_checkpoint):
+    export = pytest.importorskip("rmt_deploy.exporters.onnx_export")
+    model = create_model(tiny_config, checkpoint=str(tiny_checkpoint), features_only=True)
+    onnx = export.export_onnx(model, tmp_path / "f.onnx", dynamic_batch=True, height=64, width=64, dynamic_hw=True)
+    settings = ServeSettings(backend="onnxruntime", onnx=onnx, threads=1, max_batch_size=2, image_size=96)
+    with TestClient(create_app(settings)) as client:
+        body = client.post("/features", content=jpeg(2), headers={"content-type": "image/jpeg"}).json()
+    assert [f["shape"] for f in body["features"]][-1] == [1, 256, 3, 3]      # 96 / 32
+
+
+def test_cli_reports_clean_errors(tmp_path, capsys, tiny_model):
     assert serve_main(["--backend", "onnxruntime"]) == 2
     assert "--onnx" in capsys.readouterr().err
     assert serve_main(["--backend", "tensorrt", "--engine", str(tmp_path / "missing.engine")]) == 1
     assert "cannot load the model" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a protobuf at all")
+    for backend in ("onnxruntime", "openvino"):
+        assert serve_main(["--backend", backend, "--onnx", str(corrupt)]) == 1
+        assert "cannot load the model" in capsys.readouterr().err
+    export = pytest.importorskip("rmt_deploy.exporters.onnx_export")
+    wide = export.export_onnx(tiny_model, tmp_path / "wide.onnx", height=64, width=96)
+    assert serve_main(["--backend", "onnxruntime", "--onnx", str(wide)]) == 1
+    assert "64x96" in capsys.readouterr().err
+    square = export.export_onnx(tiny_model, tmp_path / "square.onnx", height=64, width=64)
+    assert serve_main(["--backend", "onnxruntime", "--onnx", str(square), "--precision", "fp16"]) == 1
+    assert "computes in fp32" in capsys.readouterr().err
+
+
+def test_v2_batch_above_the_queue_is_a_400(model_files):
+    settings = make_settings(model_files, max_batch_size=4, max_queue_size=2, warmup=False)
+    x = np.zeros((3, 3, 224, 224), np.float32)
+    request = {"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    with TestClient(create_app(settings)) as client:
+        r = client.post(f"/v2/models/{MODEL_NAME}/infer", json=request)
+    assert r.status_code == 400 and "queue size 2" in r.json()["error"]
 
 
 def test_dockerfile_passes_hadolint():
