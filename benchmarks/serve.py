@@ -42,7 +42,7 @@ class LevelResult:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rmt-bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--url", help="target a running server instead of starting one")
-    p.add_argument("--model", default="rmt_t")
+    p.add_argument("--model", default="rmt_t", help="variant or config JSON (eager/compile); files name their own")
     p.add_argument("--checkpoint")
     p.add_argument("--backend", default="eager", choices=["eager", "compile", "onnxruntime", "openvino", "tensorrt"])
     p.add_argument("--onnx")
@@ -73,29 +73,25 @@ def sample_jpegs(count: int = 16) -> list[bytes]:
     return images
 
 
-def offline_throughput(args, images: list[bytes]) -> float:
-    """Images/s of the bare runner on batches of --max-batch-size preprocessed images."""
-    import torch
-
-    from rmt_deploy import create_model
-    from rmt_deploy.runners import INPUT_NAME, open_runner
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = None
-    if args.backend in ("eager", "compile"):
-        model = create_model(args.model, checkpoint=args.checkpoint)
-    runner = open_runner(args.backend, model=model, onnx=args.onnx, engine=args.engine, device=args.device,
-                         threads=args.threads).load()
-    batch = np.stack([preprocess(decode_image(images[i % len(images)])) for i in range(args.max_batch_size)])
+def offline_throughput(args, images: list[bytes]) -> tuple[float, int, str]:
+    """Images/s of the model the server would load (same loading, batch limit, input size and padding),
+    called directly on full batches of preprocessed images; also that batch size and the model's name."""
+    from rmt_deploy.server.model_host import load_served_model
+    from rmt_deploy.server.settings import ServeSettings
+    options = {"model": args.model, "checkpoint": args.checkpoint, "backend": args.backend, "onnx": args.onnx,
+               "engine": args.engine, "device": args.device, "threads": args.threads}
+    served = load_served_model(ServeSettings(**{k: v for k, v in options.items() if v is not None}))
+    size = served.max_batch_size(args.max_batch_size)
+    batch = np.stack([preprocess(decode_image(images[i % len(images)]), served.image_size) for i in range(size)])
     try:
-        runner.infer({INPUT_NAME: batch})
+        served.infer(batch)
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < args.offline_seconds or runs < 3:
-            runner.infer({INPUT_NAME: batch})
+            served.infer(batch)
             runs += 1
-        return runs * len(batch) / (time.perf_counter() - start)
+        return runs * len(batch) / (time.perf_counter() - start), size, served.name
     finally:
-        runner.close()
+        served.runner.close()
 
 
 def server_command(args, port: int) -> list[str]:
@@ -157,8 +153,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     images = sample_jpegs()
     levels = [int(c) for c in args.concurrency.split(",")]
-    offline_before = offline_throughput(args, images)
-    print(f"offline {args.backend} runner, batch {args.max_batch_size}: {offline_before:.1f} images/s")
+    offline_before, batch_size, name = offline_throughput(args, images)
+    print(f"offline {args.backend} runner, batch {batch_size}: {offline_before:.1f} images/s")
 
     process = None
     url = args.url
@@ -187,7 +183,7 @@ def main(argv: list[str]) -> int:
         if process is not None:
             process.terminate()
             process.wait(60)
-    offline_after = offline_throughput(args, images)
+    offline_after = offline_throughput(args, images)[0]
     offline = (offline_before + offline_after) / 2
     print(f"offline {args.backend} runner after the server run: {offline_after:.1f} images/s")
 
@@ -198,7 +194,7 @@ def main(argv: list[str]) -> int:
                "offline_before_after": [offline_before, offline_after],
                "server_saturation_req_per_s": saturated, "server_over_offline": ratio,
                "errors": errors, "server_rss_growth_mb": rss_growth_mb,
-               "max_batch_size": args.max_batch_size, "model": args.model, "backend": args.backend}
+               "max_batch_size": batch_size, "model": name, "backend": args.backend}
     print(f"saturation: {saturated:.1f} req/s = {ratio:.0%} of offline; errors {errors}; "
           + (f"server RSS growth {rss_growth_mb:.1f} MB" if rss_growth_mb is not None else "RSS not measured (--url)"))
     if args.json:
