@@ -128,6 +128,28 @@ def open_backend(backend: str, model, precision: str, batch: int, settings: Sett
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def _check_artifact(runner, artifact, model, precision: str, batch: int, size: int) -> None:
+    """A given --onnx / --engine file must be the model, precision, batch and size of the row it is
+    measured for (its figures are labelled and counted as that model's); otherwise the row is skipped."""
+    problems = []
+    if runner.precision != precision:
+        problems.append(f"it computes in {runner.precision}, not {precision}")
+    meta = runner.metadata()
+    file_batch, _, height, width = meta.inputs[0].shape
+    if isinstance(file_batch, int) and file_batch != batch:
+        problems.append(f"it has a static batch of {file_batch}, not {batch}")
+    if (height, width) != (size, size) and isinstance(height, int) and isinstance(width, int):
+        problems.append(f"it takes {height}x{width} inputs, not --img-size {size}")
+    named = meta.extra.get("rmt.model")
+    if named and named != model.config.name and (named in VARIANTS or model.config.name in VARIANTS):
+        problems.append(f"it is an export of {named}, not of --model {model.config.name}")
+    classes = meta.outputs[0].shape[-1] if meta.outputs[0].name == "logits" else None
+    if isinstance(classes, int) and not model.features_only and classes != model.config.num_classes:
+        problems.append(f"it has {classes} classes, {model.config.name} has {model.config.num_classes}")
+    if problems:
+        raise RunnerUnavailable(f"{artifact} does not fit this row: {'; '.join(problems)}")
+
+
 def measure(runner, batch: int, settings: Settings, advance=lambda n=1: None) -> dict:
     """Time ``runner.infer`` on one fixed random batch: per-call latencies and per-repeat throughput."""
     feed = {INPUT_NAME: np.random.default_rng(SEED).standard_normal((batch, 3, settings.img_size, settings.img_size),
@@ -235,8 +257,8 @@ def _run_one(backend, model, precision, batch, settings, cache, onnx, engine, ma
         runner, artifact = open_backend(backend, model, precision, batch, settings, cache, onnx, engine)
         memory = _Memory(settings.device, backend)
         runner.load()
-        if backend in ("onnxruntime", "openvino") and runner.precision != precision:    # a --onnx file decides its own
-            raise RunnerUnavailable(f"{artifact} runs in {runner.precision}, not {precision}")
+        if artifact is not None:
+            _check_artifact(runner, artifact, model, precision, batch, settings.img_size)
         if progress:
             progress.update(task, description=label)
         out = measure(runner, batch, settings, advance)

@@ -14,6 +14,15 @@ def _csv(kind=str):
     return lambda text: [kind(t) for t in text.split(",") if t.strip()]
 
 
+def _at_least(low, kind=int):
+    def parse(text: str):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="rmt_t",
                         help="variant names and/or config JSON paths, comma-separated (or inline JSON)")
@@ -31,12 +40,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmt-bench", usage=USAGE, description=__doc__)
     _common(parser)
-    parser.add_argument("--batch-sizes", type=_csv(int), default=[1, 8, 64])
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls before measuring")
+    parser.add_argument("--batch-sizes", type=_csv(_at_least(1)), default=[1, 8, 64])
+    parser.add_argument("--warmup", type=_at_least(0), default=5, help="untimed calls before measuring")
     timed = parser.add_mutually_exclusive_group()
-    timed.add_argument("--iters", type=int, help="timed calls per repeat (default 20)")
-    timed.add_argument("--duration", type=float, help="seconds per repeat instead of --iters")
-    parser.add_argument("--repeats", type=int, default=3, help="images/s is the median over these")
+    timed.add_argument("--iters", type=_at_least(1), help="timed calls per repeat (default 20)")
+    timed.add_argument("--duration", type=_at_least(0.01, float), help="seconds per repeat instead of --iters")
+    parser.add_argument("--repeats", type=_at_least(1), default=3, help="images/s is the median over these")
     parser.add_argument("--onnx", help="benchmark this ONNX file instead of exporting one")
     parser.add_argument("--engine", help="benchmark this TensorRT engine instead of building one")
     parser.add_argument("--csv", help="write one row per result")
@@ -142,23 +151,21 @@ def accuracy_main(argv: list[str]) -> int:
 
 
 def serve_main(argv: list[str]) -> int:
-    try:
-        from .serve import main
-    except ModuleNotFoundError as exc:
-        if exc.name != "rmt_deploy.benchmarks.serve":
-            raise
-        print("rmt-bench serve: the load benchmark (rmt_deploy.benchmarks.serve) is not installed yet", file=sys.stderr)
-        return 2
+    from .serve import main
     return main(argv)
+
+
+SUBCOMMANDS = {"serve": serve_main, "accuracy": accuracy_main}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "serve":
-        return serve_main(argv[1:])
-    if argv and argv[0] == "accuracy":
-        return accuracy_main(argv[1:])
-    return bench_main(argv)
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    try:
+        return SUBCOMMANDS[command](argv[1:]) if command else bench_main(argv)
+    except (ValueError, OSError) as exc:    # what the user gave is wrong (bad checkpoint or image files, labels)
+        print(f"rmt-bench{' ' + command if command else ''}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

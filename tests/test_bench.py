@@ -206,8 +206,10 @@ def test_accuracy_mode(image_folder, tiny_checkpoint, tiny_config, config_path, 
 
 
 def test_labels_file(tmp_path):
-    (tmp_path / "x.png").touch()
-    (tmp_path / "labels.txt").write_text("x.png 3\nsub/y.jpg,7\n\n")
+    (tmp_path / "sub").mkdir()
+    for name in ("x.png", "sub/y.jpg"):
+        (tmp_path / name).touch()
+    (tmp_path / "labels.txt").write_text("# comment\nx.png 3\nsub/y.jpg,7  # trailing note\n\n")
     paths, labels = labelled_images(tmp_path, tmp_path / "labels.txt")
     assert paths == [tmp_path / "x.png", tmp_path / "sub" / "y.jpg"] and list(labels) == [3, 7]
 
@@ -216,6 +218,35 @@ def test_serve_subcommand_dispatches(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--help"])
     assert exc.value.code == 0 and "usage: rmt-bench serve" in capsys.readouterr().out
+
+
+def test_given_onnx_is_measured_only_for_rows_it_fits(tmp_path, config_path, tiny_model, capsys):
+    from rmt_deploy.exporters.onnx_export import export_onnx
+    onnx = export_onnx(tiny_model, tmp_path / "b2.onnx", batch_size=2, height=SIZE, width=SIZE)
+    out = tmp_path / "r.json"
+    assert main(["--model", str(config_path), "--onnx", str(onnx), "--backends", "onnxruntime", "--batch-sizes", "1,2",
+                 *FAST, "--json", str(out)]) == 0
+    b1, b2 = json.loads(out.read_text())["results"]
+    assert "static batch of 2, not 1" in b1["skipped"] and "skipped" not in b2 and b2["images_per_s"] > 0
+    assert main(["--model", "rmt_t", "--onnx", str(onnx), "--backends", "onnxruntime", "--batch-sizes", "2",
+                 *FAST, "--json", str(out)]) == 0
+    row, = json.loads(out.read_text())["results"]
+    assert "not of --model rmt_t" in row["skipped"] and "has 10 classes" in row["skipped"]
+
+
+def test_user_errors_are_messages_not_tracebacks(tmp_path, image_folder, config_path, capsys):
+    assert main(["accuracy", "--data", str(tmp_path / "missing"), "--model", str(config_path)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    labels = tmp_path / "labels.txt"
+    labels.write_text("# path label\na_cls/img0.jpg 0\nb_cls/img1.png one\n")
+    assert main(["accuracy", "--data", str(image_folder), "--labels", str(labels), "--model", str(config_path)]) == 2
+    assert "labels.txt:3: expected 'relative/path label'" in capsys.readouterr().err
+    assert main(["--model", "no_such_variant", "--backends", "eager"]) == 2
+    assert "neither a variant" in capsys.readouterr().err
+    for flag in ("--iters", "--repeats"):
+        with pytest.raises(SystemExit):
+            main([flag, "0"])
+        assert "must be at least 1" in capsys.readouterr().err
 
 
 def test_unknown_backend_is_an_error(capsys):
