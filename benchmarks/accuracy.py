@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from rmt_deploy.preprocess import image_files, load_images
-from rmt_deploy.runners import RunnerUnavailable
+from rmt_deploy.runners import RunnerUnavailable, infer_padded
 
 from .artifacts import ArtifactCache
 from .bench import Settings, load_model, open_backend
@@ -78,11 +78,9 @@ def run_accuracy(data, model_spec, backends, precisions=("fp32",), *, batch_size
         for start in range(0, len(paths), batch_size):
             images = load_images(paths[start:start + batch_size], settings.img_size)
             n = len(images)
-            padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
-            padded[:n] = images
             truth = labels[start:start + n]
             for key, runner in runners.items():
-                logits = runner.infer({"images": padded})["logits"][:n]
+                logits = infer_padded(runner, images, batch_size)["logits"]
                 top = np.argsort(-logits, axis=1)[:, :k]
                 preds[key].append(top[:, 0])
                 topk_hits[key] += int((top == truth[:, None]).any(axis=1).sum())

@@ -135,10 +135,10 @@ def _check_artifact(runner, artifact, model, precision: str, batch: int, size: i
     if runner.precision != precision:
         problems.append(f"it computes in {runner.precision}, not {precision}")
     meta = runner.metadata()
-    file_batch, _, height, width = meta.inputs[0].shape
-    if isinstance(file_batch, int) and file_batch != batch:
+    file_batch, height, width = meta.fixed_input_dims()
+    if file_batch is not None and file_batch != batch:
         problems.append(f"it has a static batch of {file_batch}, not {batch}")
-    if (height, width) != (size, size) and isinstance(height, int) and isinstance(width, int):
+    if height is not None and width is not None and (height, width) != (size, size):
         problems.append(f"it takes {height}x{width} inputs, not --img-size {size}")
     named = meta.extra.get("rmt.model")
     if named and named != model.config.name and (named in VARIANTS or model.config.name in VARIANTS):

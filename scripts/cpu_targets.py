@@ -33,7 +33,8 @@ def main() -> None:
     model = load_model("rmt_t")
     macs = count_macs(model.config)["total"]
     files = {bs: ArtifactCache(args.cache_dir).onnx(model, batch_size=bs, size=224) for bs in BATCHES}
-    runners = {("eager", bs): open_runner("eager", model=model).load() for bs in BATCHES}
+    eager = open_runner("eager", model=model).load()
+    runners = {("eager", bs): eager for bs in BATCHES}
     for backend in ("onnxruntime", "openvino"):
         try:
             runners.update({(backend, bs): open_runner(backend, onnx=files[bs]).load() for bs in BATCHES})

@@ -10,7 +10,7 @@ import numpy as np
 
 from rmt_deploy import create_model
 from rmt_deploy.labels import class_labels
-from rmt_deploy.runners import INPUT_NAME, Runner, open_runner
+from rmt_deploy.runners import Runner, infer_padded, open_runner
 
 from .settings import ServeSettings
 
@@ -37,14 +37,9 @@ class ServedModel:
         return self.static_batch or requested
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Outputs for ``images``; a batch smaller than a static-batch file's is padded with zeros
-        (static shapes are what runtimes optimise best) and the padding's rows are dropped."""
-        n = len(images)
-        if self.static_batch is None or n == self.static_batch:
-            return self.runner.infer({INPUT_NAME: images})
-        padding = np.zeros((self.static_batch - n, *images.shape[1:]), images.dtype)
-        outputs = self.runner.infer({INPUT_NAME: np.concatenate([images, padding])})
-        return {name: value[:n] for name, value in outputs.items()}
+        """Outputs for ``images``; a batch smaller than a static-batch file's is zero-padded (static
+        shapes are what runtimes optimise best)."""
+        return infer_padded(self.runner, images, self.static_batch or len(images))
 
     def warmup(self, max_batch_size: int) -> None:
         """Run every batch size the batcher can form once, so no request pays for first-time allocation
@@ -65,7 +60,7 @@ def _model_spec(model: str):
 def _served_size(height, width, requested: int) -> int:
     """Images are resized and centre-cropped to S x S: a file's fixed size decides S, a dynamic one
     takes --image-size."""
-    if isinstance(height, int) and isinstance(width, int):
+    if height is not None and width is not None:
         if height != width:
             raise ValueError(f"the server feeds square S x S crops; this file takes {height}x{width} inputs "
                              "(export it with one --img-size, or with --dynamic-hw)")
@@ -99,12 +94,11 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
             raise ValueError(f"{runner.path} computes in {runner.precision}; --precision {settings.precision} applies to "
                              "the eager/compile backends (export a file of that precision instead)")
         task = extra.get("rmt.task", "classify")
-        batch, _, height, width = meta.inputs[0].shape
+        static_batch, height, width = meta.fixed_input_dims()
         size = _served_size(height, width, settings.image_size)
         name = settings.model_name or extra.get("rmt.model", "rmt")
         outputs = [t.name for t in meta.outputs]
         channels = [int(t.shape[1]) for t in meta.outputs]
         num_classes = int(extra.get("rmt.num_classes", channels[0]))
-        static_batch = batch if isinstance(batch, int) else None
     labels = class_labels(num_classes) if task == "classify" else []
     return ServedModel(runner, name, task, size, labels, outputs, channels, static_batch)

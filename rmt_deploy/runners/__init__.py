@@ -1,7 +1,8 @@
 """Backends behind one interface. Heavy libraries (onnxruntime, openvino, tensorrt) load only when used."""
 from __future__ import annotations
 
-from .base import INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing, output_names
+from .base import (INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing, infer_padded,
+                   output_names)
 
 BACKENDS = ("eager", "compile", "onnxruntime", "openvino", "tensorrt")
 
@@ -33,4 +34,4 @@ def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str
 
 
 __all__ = ["BACKENDS", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
-           "open_runner", "output_names"]
+           "infer_padded", "open_runner", "output_names"]

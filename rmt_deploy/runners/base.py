@@ -39,6 +39,11 @@ class RunnerMetadata:
         return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
                 **self.extra}
 
+    def fixed_input_dims(self) -> tuple[int | None, int | None, int | None]:
+        """(batch, height, width) of the image input; None where the artifact takes any size."""
+        batch, _, height, width = (d if isinstance(d, int) else None for d in self.inputs[0].shape)
+        return batch, height, width
+
 
 @dataclass
 class Timing:
@@ -99,6 +104,17 @@ class Runner(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def infer_padded(runner: Runner, images: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    """Outputs for ``images`` from a runner fed exactly ``batch`` rows (what a static-batch artifact
+    takes): zero rows are appended and their outputs dropped."""
+    n = len(images)
+    if n == batch:
+        return runner.infer({INPUT_NAME: images})
+    padding = np.zeros((batch - n, *images.shape[1:]), images.dtype)
+    outputs = runner.infer({INPUT_NAME: np.concatenate([images, padding])})
+    return {name: value[:n] for name, value in outputs.items()}
 
 
 def output_names(task: str, num_stages: int = 4) -> list[str]:
