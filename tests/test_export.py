@@ -283,5 +283,6 @@ def test_eager_cpu_runner_reuses_freed_activation_memory(tiny_model):
         torch.zeros(16 << 20).add_(1.0)     # 64 MiB, written: every new page faults once
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    faults_for_a_64mb_activation()
-    assert faults_for_a_64mb_activation() < 1000    # fresh mmap memory would fault ~16k pages
+    for _ in range(3):      # steady state: a heap fragmented by earlier work (an ORT session) settles in 1-2 calls
+        faults_for_a_64mb_activation()
+    assert faults_for_a_64mb_activation() < 1000    # fresh mmap memory would fault ~16k pages every time
