@@ -41,15 +41,19 @@ class ArtifactCache:
             self._exporter, self._problem = onnx_export, None
             self._tag = _source_digest(model_module, onnx_export)
 
-    def onnx(self, model, *, batch_size: int, size: int, fp16: bool = False) -> Path:
-        """A static-shape ONNX file of ``model`` (static shapes give the runtimes the most to fuse)."""
+    def onnx(self, model, *, batch_size: int, size: int, fp16: bool = False, portable: bool = False) -> Path:
+        """A static-shape ONNX file of ``model`` (static shapes give the runtimes the most to fuse):
+        with fused Attention nodes, or in the portable opset (TensorRT, GPU providers) if asked."""
         if self._exporter is None:
             raise RunnerUnavailable(self._problem)
-        path = self.root / f"{model.config.name}-{model_key(model)}-{self._tag}-b{batch_size}-{size}-{'fp16' if fp16 else 'fp32'}.onnx"
+        opset = self._exporter.PORTABLE_OPSET if portable else self._exporter.ATTENTION_OPSET
+        path = self.root / (f"{model.config.name}-{model_key(model)}-{self._tag}-b{batch_size}-{size}-"
+                            f"{'fp16' if fp16 else 'fp32'}-opset{opset}.onnx")
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".partial.onnx")
-            written = self._exporter.export_onnx(model, tmp, batch_size=batch_size, height=size, width=size, fp16=fp16)
+            written = self._exporter.export_onnx(model, tmp, batch_size=batch_size, height=size, width=size, fp16=fp16,
+                                                 opset=opset)
             Path(written).replace(path)
         return path
 

@@ -114,7 +114,9 @@ def open_backend(backend: str, model, precision: str, batch: int, settings: Sett
         # each runner casts/moves its own copy, leaving the shared model fp32 on CPU for exporting
         return open_runner(backend, model=copy.deepcopy(model), device=settings.device, precision=precision), None
     if backend in ("onnxruntime", "openvino"):
-        path = Path(onnx) if onnx else cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=precision == "fp16")
+        # on GPUs the portable graph: older onnxruntime-gpu places Attention nodes on the CPU
+        path = Path(onnx) if onnx else cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=precision == "fp16",
+                                                  portable=settings.device.startswith("cuda"))
         return open_runner(backend, onnx=path, device=settings.device, threads=settings.threads), path
     if backend == "tensorrt":
         reason = tensorrt_unavailable_reason(settings.device)
@@ -122,7 +124,7 @@ def open_backend(backend: str, model, precision: str, batch: int, settings: Sett
             raise RunnerUnavailable(reason)
         fp16 = precision == "fp16"
         path = Path(engine) if engine else cache.engine(
-            cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=fp16), batch_size=batch,
+            cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=fp16, portable=True), batch_size=batch,
             size=settings.img_size, fp16=fp16, device=settings.device)
         return open_runner("tensorrt", engine=path, device=settings.device, precision=precision), path
     raise ValueError(f"unknown backend {backend!r}")

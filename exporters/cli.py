@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from .onnx_export import DEFAULT_OPSET
+from .onnx_export import ATTENTION_OPSET, PORTABLE_OPSET
 
 console = Console(stderr=True)
 
@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="S", help="S, or H W")
     ap.add_argument("--dynamic-hw", type=Range.parse, metavar="MIN:OPT:MAX",
                     help="dynamic height and width (e.g. for detection features)")
-    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (17+; default %(default)s)")
+    ap.add_argument("--opset", type=int, help=f"ONNX opset (17+); default {ATTENTION_OPSET} (fused Attention "
+                    f"nodes, fastest in ONNX Runtime), {PORTABLE_OPSET} when a TensorRT engine is built "
+                    f"(every TensorRT 10.x parses it)")
     ap.add_argument("--output", type=Path, help="output folder (default exports/<model>/)")
     ap.add_argument("--images", type=Path, help="folder of real images added to the parity inputs")
     ap.add_argument("--skip-parity", action="store_true")
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.dynamic_batch or Range.fixed(args.batch_size)
     hw = args.dynamic_hw
     formats, skipped = _resolve_format(args.format)
+    if args.opset is None:
+        args.opset = PORTABLE_OPSET if "tensorrt" in formats else ATTENTION_OPSET
     if skipped:
         console.print(f"[yellow]{skipped}; exporting ONNX only")
     weights = "auto" if args.ema is None else ("ema" if args.ema else "model")
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[green]✓[/] ONNX fp32 → {fp32_onnx}")
         onnx_files = {"fp32": fp32_onnx}
         if args.fp16:
-            with _step("Converting to FP16 (LayerNorm, Softmax, decay bias kept in FP32)"):
+            with _step("Converting to FP16 (LayerNorm, attention softmax, decay bias kept in FP32)"):
                 onnx_files["fp16"] = write_fp16(fp32_onnx, out_dir / f"{stem}_fp16.onnx")
             console.print(f"[green]✓[/] ONNX fp16 → {onnx_files['fp16']}")
     except ExportError as exc:

@@ -18,7 +18,8 @@ from PIL import Image
 
 from rmt_deploy import create_model
 from rmt_deploy.exporters import cli
-from rmt_deploy.exporters.onnx_export import TABLE_REBUILD_OPS, export_onnx, graph_ops, write_fp16
+from rmt_deploy.exporters.onnx_export import (ATTENTION_OPSET, PORTABLE_OPSET, TABLE_REBUILD_OPS, export_onnx, graph_ops,
+                                              write_fp16)
 from rmt_deploy.parity import Tolerance, ValueMismatchError, check_parity, compare
 from rmt_deploy.runners import open_runner
 
@@ -36,9 +37,11 @@ def eager_vs_onnx(model, path, shapes, tolerance, backend="onnxruntime"):
     return check_parity(eager, runtime, batches, tolerance)
 
 
-@pytest.fixture(scope="module")
-def tiny_static(tmp_path_factory, tiny_model):
-    path = export_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx", height=64, width=96)
+@pytest.fixture(scope="module", params=[ATTENTION_OPSET, PORTABLE_OPSET], ids=["attention-op", "portable"])
+def tiny_static(request, tmp_path_factory, tiny_model):
+    """Both graph forms: ONNX Attention nodes (the default) and explicit MatMul/Softmax (TensorRT)."""
+    path = export_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx", height=64, width=96,
+                       opset=request.param)
     return tiny_model, path
 
 
@@ -52,12 +55,25 @@ def test_static_export_bakes_tables_and_matches_eager(tiny_static):
     assert report.summary()["max_rel"] <= 1e-4
 
 
-def test_graph_uses_only_tensorrt_parser_ops(tiny_static, tmp_path, tiny_checkpoint):
+def test_attention_form_follows_the_opset(tiny_static):
+    """Opset 23+: one Attention node per attention (two per decomposed block), no Softmax left."""
+    proto = onnx.load(str(tiny_static[1]))
+    ops = graph_ops(proto)
+    if proto.opset_import[0].version >= ATTENTION_OPSET:
+        decomposed = sum(d for d, axial in zip(TINY_CONFIG["depths"], TINY_CONFIG["chunkwise_recurrents"]) if axial)
+        assert ops["Attention"] == sum(TINY_CONFIG["depths"]) + decomposed and not ops["Softmax"]
+    else:
+        assert ops["Softmax"] and not ops["Attention"]
+
+
+def test_portable_graph_uses_only_tensorrt_parser_ops(tiny_model, tmp_path, tiny_checkpoint):
     supported = trt_supported_ops()
+    static = export_onnx(tiny_model, tmp_path / "s.onnx", height=64, width=96, opset=PORTABLE_OPSET)
     feats = create_model(TINY_CONFIG, checkpoint=str(tiny_checkpoint), features_only=True)
-    dyn = export_onnx(feats, tmp_path / "f.onnx", dynamic_batch=True, height=64, width=64, dynamic_hw=True)
-    fp16 = write_fp16(tiny_static[1], tmp_path / "h.onnx")
-    for path in (tiny_static[1], dyn, fp16):
+    dyn = export_onnx(feats, tmp_path / "f.onnx", dynamic_batch=True, height=64, width=64, dynamic_hw=True,
+                      opset=PORTABLE_OPSET)
+    fp16 = write_fp16(static, tmp_path / "h.onnx")
+    for path in (static, dyn, fp16):
         unsupported = set(graph_ops(onnx.load(str(path)))) - supported
         assert not unsupported, f"{path.name}: ops TensorRT's parser lacks: {unsupported}"
 
@@ -125,10 +141,10 @@ def test_fp16_parity_on_cpu(tiny_static, tmp_path):
     fp16 = write_fp16(path, tmp_path / "tiny_fp16.onnx")
     proto = onnx.load(str(fp16))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    # LayerNorm and Softmax computed in float32: their inputs come from Casts to float32
+    # LayerNorm and Softmax / Attention computed in float32: their inputs come from Casts to float32
     produced_by = {o: n for n in proto.graph.node for o in n.output}
     for node in proto.graph.node:
-        if node.op_type in ("LayerNormalization", "Softmax"):
+        if node.op_type in ("LayerNormalization", "Softmax", "Attention"):
             src = produced_by.get(node.input[0])
             assert src is not None and src.op_type in ("Cast", "Add"), node.name
     report = eager_vs_onnx(model, fp16, [(1, 3, 64, 96)] * 2, Tolerance.for_precision("fp16"))
@@ -161,12 +177,14 @@ def test_openvino_runner_refuses_other_devices(tiny_static):
         open_runner("openvino", onnx=tiny_static[1], device="cuda")
 
 
-def test_rmt_t_static_export_matches_eager(tmp_path):
+@pytest.mark.parametrize("opset", [ATTENTION_OPSET, PORTABLE_OPSET])
+def test_rmt_t_static_export_matches_eager(tmp_path, opset):
     model = create_model("rmt_t")
-    path = export_onnx(model, tmp_path / "rmt_t.onnx", batch_size=1)
+    path = export_onnx(model, tmp_path / "rmt_t.onnx", batch_size=1, opset=opset)
     ops = graph_ops(onnx.load(str(path)))
     assert not TABLE_REBUILD_OPS & set(ops)
-    assert not set(ops) - trt_supported_ops()
+    if opset == PORTABLE_OPSET:
+        assert not set(ops) - trt_supported_ops()
     report = eager_vs_onnx(model, path, [(1, 3, 224, 224)], Tolerance())
     report.raise_for_failure()
 
@@ -205,6 +223,7 @@ def test_cli_manifest(export_run, tiny_checkpoint):
     assert code == 0
     manifest = json.loads((out / "art" / "export.json").read_text())
     assert manifest["task"] == "classify"
+    assert manifest["opset"] == ATTENTION_OPSET     # no TensorRT engine here: the fused-attention graph
     assert manifest["checkpoint"]["sha256"] and manifest["checkpoint"]["weights"] == "ema"
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
     arts = {(a["format"], a["precision"]): a for a in manifest["artifacts"]}

@@ -161,7 +161,8 @@ def tiny_onnx(tmp_path_factory, tiny_config):
     torch.manual_seed(0)
     model = create_model(tiny_config)
     path = tmp_path_factory.mktemp("trt") / "tiny.onnx"
-    onnx_export.export_onnx(model, path, batch_size=1, dynamic_batch=True, height=64, width=64)
+    onnx_export.export_onnx(model, path, batch_size=1, dynamic_batch=True, height=64, width=64,
+                            opset=onnx_export.PORTABLE_OPSET)
     return model, path
 
 
