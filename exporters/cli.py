@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dynamic-hw", type=Range.parse, metavar="MIN:OPT:MAX",
                     help="dynamic height and width (e.g. for detection features)")
     ap.add_argument("--opset", type=int, help=f"ONNX opset (17+); default {ATTENTION_OPSET} (fused Attention "
-                    f"nodes, fastest in ONNX Runtime), {PORTABLE_OPSET} when a TensorRT engine is built "
-                    f"(every TensorRT 10.x parses it)")
+                    f"nodes, fastest in ONNX Runtime), {PORTABLE_OPSET} with a TensorRT engine or "
+                    f"--triton-repo (every TensorRT 10.x and Triton release runs it)")
     ap.add_argument("--output", type=Path, help="output folder (default exports/<model>/)")
     ap.add_argument("--images", type=Path, help="folder of real images added to the parity inputs")
     ap.add_argument("--skip-parity", action="store_true")
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.dynamic_batch or Range.fixed(args.batch_size)
     hw = args.dynamic_hw
     formats, skipped = _resolve_format(args.format)
-    if args.opset is None:
-        args.opset = PORTABLE_OPSET if "tensorrt" in formats else ATTENTION_OPSET
+    if args.opset is None:      # Triton's bundled onnxruntime may predate Attention nodes (1.23)
+        args.opset = PORTABLE_OPSET if "tensorrt" in formats or args.triton_repo else ATTENTION_OPSET
     if skipped:
         console.print(f"[yellow]{skipped}; exporting ONNX only")
     weights = "auto" if args.ema is None else ("ema" if args.ema else "model")

@@ -18,7 +18,8 @@ then rewrites them in place into the inference form that `forward` runs:
 
 Traced graphs (export, ``torch.compile``) run `Block.forward_graph`: the residual stream stays NCHW so
 every conv and residual add works in the runtime's conv layout, q/k/v are three GEMMs over slices of
-the fused weight, and the FFN and ``out_proj`` are 1x1 convolutions.
+the fused weight, and the FFN and ``out_proj`` are 1x1 convolutions. Attention is explicit
+matmul/softmax (opset 20, TensorRT), or SDPA calls that export as ONNX ``Attention`` nodes (opset 23+).
 
 Rotary sin/cos tables and decay biases depend only on the stage resolution: `RelPos` computes them
 once per (H, W) and caches them, so eager inference never rebuilds them and a fixed-size export
@@ -248,7 +249,7 @@ class ManhattanSelfAttention(nn.Module):
         return out.reshape(b, w, n, h, d).permute(0, 3, 1, 2, 4).reshape(b, h, w, c)
 
     def _attend_explicit(self, q, k, v, tables):
-        """Traced path (export / ONNX): explicit matmul -> + decay bias -> softmax -> matmul.
+        """Traced path (portable export, torch.compile): explicit matmul -> + decay bias -> softmax -> matmul.
 
         Every layout change moves a single axis (keys are transposed by moving the sequence axis
         last), which runtimes do as block copies; compound permutations that also move the head

@@ -223,7 +223,7 @@ def test_cli_manifest(export_run, tiny_checkpoint):
     assert code == 0
     manifest = json.loads((out / "art" / "export.json").read_text())
     assert manifest["task"] == "classify"
-    assert manifest["opset"] == ATTENTION_OPSET     # no TensorRT engine here: the fused-attention graph
+    assert manifest["opset"] == PORTABLE_OPSET      # --triton-repo: Triton's onnxruntime may predate Attention
     assert manifest["checkpoint"]["sha256"] and manifest["checkpoint"]["weights"] == "ema"
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
     arts = {(a["format"], a["precision"]): a for a in manifest["artifacts"]}
@@ -267,6 +267,7 @@ def test_random_weights_are_announced_and_recorded(export_run, tmp_path, capsys)
     assert cli.main(["--model", str(config), "--img-size", "64", "--output", str(tmp_path), "--skip-parity"]) == 0
     manifest = json.loads((tmp_path / "export.json").read_text())
     assert manifest["checkpoint"] is None and manifest["random_weights"] is True
+    assert manifest["opset"] == ATTENTION_OPSET     # ONNX only: the fused-attention graph
     assert "RANDOM WEIGHTS" in capsys.readouterr().err
 
 
