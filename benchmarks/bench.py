@@ -48,14 +48,7 @@ def parse_models(spec) -> list:
 
 
 def load_model(spec, checkpoint: str | None = None):
-    """Fused eval model; a config's name is its JSON file's stem unless it names itself."""
-    if isinstance(spec, str) and spec not in VARIANTS and spec != "auto":
-        path = Path(spec)
-        if not path.is_file():
-            raise ValueError(f"--model {spec!r} is neither a variant ({', '.join(VARIANTS)}) nor a config JSON file")
-        spec = {"name": path.stem, **json.loads(path.read_text())}
-    if isinstance(spec, dict):
-        spec = RMTConfig.from_dict(spec)
+    """Fused eval model of a variant, config dict or JSON config file; random weights are seeded."""
     torch.manual_seed(SEED)
     return create_model(spec, checkpoint=checkpoint)
 

@@ -80,13 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _model_arg(text: str):
-    path = Path(text)
-    if text.endswith(".json") and path.is_file():
-        return json.loads(path.read_text())
-    return text
-
-
 def _versions() -> dict:
     import onnx
     import onnxruntime
@@ -141,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         with _step("Loading the model"):
-            model = create_model(_model_arg(args.model), checkpoint=args.checkpoint,
+            model = create_model(args.model, checkpoint=args.checkpoint,
                                  features_only=args.task == "features", weights=weights)
     except (CheckpointError, ValueError) as exc:
         console.print(f"[red]rmt-export: {exc}")

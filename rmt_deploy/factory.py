@@ -1,8 +1,10 @@
-"""`create_model`: a variant name, a config dict or "auto", plus an optional released checkpoint."""
+"""`create_model`: a variant name, a config dict or JSON file or "auto", plus an optional released checkpoint."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -13,8 +15,15 @@ log = logging.getLogger(__name__)
 
 
 def resolve_config(name_or_config, checkpoint: Checkpoint | None = None) -> RMTConfig:
-    """Turn a variant name / dict / RMTConfig / "auto" into a config, adding what the checkpoint
-    implies (class count, extra norms, token-label head)."""
+    """Turn a variant name / dict / JSON config file / RMTConfig / "auto" into a config, adding what
+    the checkpoint implies (class count, extra norms, token-label head). A file's config is named
+    after the file (``my_rmt.json``: ``my_rmt``) unless it names itself, so every tool labels it alike."""
+    if isinstance(name_or_config, (str, Path)) and name_or_config not in VARIANTS and name_or_config != "auto":
+        path = Path(name_or_config)
+        if path.is_file():
+            name_or_config = {"name": path.stem, **json.loads(path.read_text())}
+        elif path.suffix == ".json":
+            raise ValueError(f"config file {path} not found")
     if isinstance(name_or_config, RMTConfig):
         config = name_or_config
     elif isinstance(name_or_config, dict):
@@ -26,7 +35,8 @@ def resolve_config(name_or_config, checkpoint: Checkpoint | None = None) -> RMTC
     elif name_or_config in VARIANTS:
         config = VARIANTS[name_or_config]
     else:
-        raise ValueError(f"unknown RMT variant {name_or_config!r}; choose from {sorted(VARIANTS)}, 'auto' or a config dict")
+        raise ValueError(f"unknown RMT variant {name_or_config!r}; choose from {sorted(VARIANTS)}, 'auto', "
+                         "a config dict or a JSON config file")
     if checkpoint is not None:
         sd = _backbone_keys(checkpoint)
         changes = {"extra_norms": any(k.startswith("extra_norms.") for k in sd),

@@ -2,9 +2,7 @@
 strides, input size), whichever backend serves it: the routers never look at the backend."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -49,14 +47,6 @@ class ServedModel:
             self.infer(np.zeros((batch_size, 3, self.image_size, self.image_size), np.float32))
 
 
-def _model_spec(model: str):
-    """A variant name, 'auto', or a JSON config file (custom architectures)."""
-    path = Path(model)
-    if model.endswith(".json") and path.is_file():
-        return json.loads(path.read_text())
-    return model
-
-
 def _served_size(height, width, requested: int) -> int:
     """Images are resized and centre-cropped to S x S: a file's fixed size decides S, a dynamic one
     takes --image-size."""
@@ -75,12 +65,12 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
         if settings.threads:
             import torch
             torch.set_num_threads(settings.threads)
-        model = create_model(_model_spec(settings.model), checkpoint=settings.checkpoint and str(settings.checkpoint),
+        model = create_model(settings.model, checkpoint=settings.checkpoint and str(settings.checkpoint),
                              features_only=settings.task == "features")
         runner = open_runner(settings.backend, model=model, device=settings.device, precision=settings.precision)
         runner.load()
         task, size = settings.task, settings.image_size
-        name = settings.model_name or (model.config.name if model.config.name != "custom" else "rmt")
+        name = settings.model_name or model.config.name
         num_classes = model.config.num_classes
         outputs, channels = list(model.output_names), (
             [num_classes] if task == "classify" else list(model.stage_channels))

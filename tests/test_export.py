@@ -222,7 +222,7 @@ def test_cli_manifest(export_run, tiny_checkpoint):
     code, out, _ = export_run
     assert code == 0
     manifest = json.loads((out / "art" / "export.json").read_text())
-    assert manifest["task"] == "classify"
+    assert (manifest["model"], manifest["task"]) == ("tiny", "classify")    # named after tiny.json
     assert manifest["opset"] == PORTABLE_OPSET      # --triton-repo: Triton's onnxruntime may predate Attention
     assert manifest["checkpoint"]["sha256"] and manifest["checkpoint"]["weights"] == "ema"
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])

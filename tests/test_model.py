@@ -202,6 +202,18 @@ def test_unknown_architecture_needs_a_config(tmp_checkpoint_unknown):
         create_model("auto", checkpoint=str(tmp_checkpoint_unknown))
 
 
+def test_json_config_file_is_named_after_the_file(tmp_path):
+    """rmt-export, rmt-serve and rmt-bench all pass --model through create_model: one name for one file."""
+    (tmp_path / "my_rmt.json").write_text(json.dumps(TINY_CONFIG))
+    (tmp_path / "named.json").write_text(json.dumps({**TINY_CONFIG, "name": "rmt_small_det"}))
+    assert create_model(str(tmp_path / "my_rmt.json")).config.name == "my_rmt"
+    assert create_model(tmp_path / "named.json").config.name == "rmt_small_det"
+    with pytest.raises(ValueError, match="not found"):
+        create_model(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="unknown RMT variant 'rmt_xl'"):
+        create_model("rmt_xl")
+
+
 @pytest.fixture
 def tmp_checkpoint_unknown(tmp_path, two_weight_sets):
     torch.save(two_weight_sets[0], tmp_path / "u.pth")
