@@ -107,7 +107,7 @@ def open_backend(backend: str, model, precision: str, batch: int, settings: Sett
         # each runner casts/moves its own copy, leaving the shared model fp32 on CPU for exporting
         return open_runner(backend, model=copy.deepcopy(model), device=settings.device, precision=precision), None
     if backend in ("onnxruntime", "openvino"):
-        # on GPUs the portable graph: older onnxruntime-gpu places Attention nodes on the CPU
+        # on GPUs the portable graph: some onnxruntime-gpu releases run Attention nodes on the CPU
         path = Path(onnx) if onnx else cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=precision == "fp16",
                                                   portable=settings.device.startswith("cuda"))
         return open_runner(backend, onnx=path, device=settings.device, threads=settings.threads), path

@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     formats, skipped = _resolve_format(args.format)
     if args.opset is None:      # Triton's bundled onnxruntime may predate Attention nodes (1.23)
         args.opset = PORTABLE_OPSET if "tensorrt" in formats or args.triton_repo else ATTENTION_OPSET
+    elif args.opset >= ATTENTION_OPSET and ("tensorrt" in formats or args.triton_repo):
+        console.print(f"[yellow]--opset {args.opset}: attention exports as ONNX Attention nodes, which TensorRT "
+                      f"before 10.14 and onnxruntime before 1.23 cannot run (--opset {PORTABLE_OPSET} can)")
     if skipped:
         console.print(f"[yellow]{skipped}; exporting ONNX only")
     weights = "auto" if args.ema is None else ("ema" if args.ema else "model")

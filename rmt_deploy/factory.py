@@ -21,7 +21,13 @@ def resolve_config(name_or_config, checkpoint: Checkpoint | None = None) -> RMTC
     if isinstance(name_or_config, (str, Path)) and name_or_config not in VARIANTS and name_or_config != "auto":
         path = Path(name_or_config)
         if path.is_file():
-            name_or_config = {"name": path.stem, **json.loads(path.read_text())}
+            try:
+                loaded = json.loads(path.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"config file {path} is not JSON: {exc}") from exc
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config file {path} must hold a JSON object of RMTConfig fields")
+            name_or_config = {"name": path.stem, **loaded}
         elif path.suffix == ".json":
             raise ValueError(f"config file {path} not found")
     if isinstance(name_or_config, RMTConfig):

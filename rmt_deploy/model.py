@@ -125,7 +125,7 @@ class ManhattanSelfAttention(nn.Module):
         self.dim, self.num_heads, self.decomposed = dim, num_heads, decomposed
         self.head_dim = dim // num_heads
         self.export_layout = False
-        self.attention_op = False       # traced attention as SDPA (one ONNX Attention node, opset 23+)
+        self.attention_op = False       # traced attention as SDPA (ONNX Attention nodes, opset 23+)
         # pair-member swap for the graph rotary; a buffer, so it follows the module's device
         self.register_buffer("swap_index", torch.tensor([1, 0]), persistent=False)
         self.q_proj = nn.Linear(dim, dim)
@@ -235,7 +235,7 @@ class ManhattanSelfAttention(nn.Module):
         kernel works head by head: rmt_t batch 8 ~7 % faster than the explicit chain).
 
         Heads are 4-D (batch, n, L, d) with the decay bias broadcast over the batch: along W the
-        batch is (B, H); along H it is (B, W), the keys and values moved there by one permute each."""
+        batch is (B, H); along H it is (B, W), q, k and v moved there by one permute each."""
         if not self.decomposed:
             return self._attend_sdpa(q, k, v, tables)
         b, h, w, c = v.shape

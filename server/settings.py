@@ -25,7 +25,8 @@ class ServeSettings(BaseSettings):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     threads: int | None = Field(None, ge=1, description="intra-op threads for inference")
     image_size: int = Field(224, ge=32, le=1024, description="input resolution (the ONNX/engine file's own wins)")
-    model_name: str | None = Field(None, description="name in responses and /v2/models/{name}; default: variant")
+    model_name: str | None = Field(None, description="name in responses and /v2/models/{name}; default: the "
+                                                         "model's (variant, or the config file's stem)")
 
     host: str = Field("127.0.0.1", description="bind address; loopback unless told otherwise")
     port: int = Field(8000, ge=0, le=65535)

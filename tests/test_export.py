@@ -214,7 +214,7 @@ def export_run(tmp_path_factory, tiny_checkpoint):
         Image.fromarray(rng.integers(0, 255, (90 + 7 * i, 120, 3), dtype=np.uint8)).save(images / f"{i}.jpg")
     code = cli.main(["--model", str(config), "--checkpoint", str(tiny_checkpoint), "--fp16", "--img-size", "64",
                      "--dynamic-batch", "1:2:8", "--output", str(out / "art"), "--images", str(images),
-                     "--triton-repo", str(out / "triton")])
+                     "--triton-repo", str(out / "triton"), "--format", "onnx"])
     return code, out, config
 
 
@@ -264,7 +264,8 @@ def test_failing_parity_exits_non_zero(export_run, tiny_checkpoint, tmp_path):
 
 def test_random_weights_are_announced_and_recorded(export_run, tmp_path, capsys):
     _, _, config = export_run
-    assert cli.main(["--model", str(config), "--img-size", "64", "--output", str(tmp_path), "--skip-parity"]) == 0
+    assert cli.main(["--model", str(config), "--img-size", "64", "--output", str(tmp_path), "--skip-parity",
+                     "--format", "onnx"]) == 0
     manifest = json.loads((tmp_path / "export.json").read_text())
     assert manifest["checkpoint"] is None and manifest["random_weights"] is True
     assert manifest["opset"] == ATTENTION_OPSET     # ONNX only: the fused-attention graph
@@ -314,6 +315,13 @@ print(json.dumps({"faults": faults, "mmapped": bool(chunk_header & 2), "non_main
 """
 
 
+def _transparent_hugepages() -> str:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return ""
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning applies to glibc only")
 @pytest.mark.parametrize("keep", ["1", "0"])
 def test_eager_cpu_runner_reuses_freed_activation_memory(keep):
@@ -331,4 +339,6 @@ def test_eager_cpu_runner_reuses_freed_activation_memory(keep):
     if keep == "1":
         assert steady < 1000 and not probe["mmapped"], probe
     else:
-        assert steady > 15000 and probe["mmapped"], probe
+        assert probe["mmapped"], probe
+        if "[always]" not in _transparent_hugepages():      # 'always' maps fresh blocks in 2 MiB pages
+            assert steady > 15000, probe

@@ -210,6 +210,12 @@ def test_json_config_file_is_named_after_the_file(tmp_path):
     assert create_model(tmp_path / "named.json").config.name == "rmt_small_det"
     with pytest.raises(ValueError, match="not found"):
         create_model(str(tmp_path / "missing.json"))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json must hold a JSON object"):
+        create_model(str(tmp_path / "list.json"))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json is not JSON"):
+        create_model(str(tmp_path / "broken.json"))
     with pytest.raises(ValueError, match="unknown RMT variant 'rmt_xl'"):
         create_model("rmt_xl")
 
