@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.dynamic_batch or Range.fixed(args.batch_size)
     hw = args.dynamic_hw
     formats, skipped = _resolve_format(args.format)
-    if args.opset is None:      # Triton's bundled onnxruntime may predate Attention nodes (1.23)
-        args.opset = PORTABLE_OPSET if "tensorrt" in formats or args.triton_repo else ATTENTION_OPSET
-    elif args.opset >= ATTENTION_OPSET and ("tensorrt" in formats or args.triton_repo):
+    portable = "tensorrt" in formats or args.triton_repo    # Triton's onnxruntime may predate Attention (1.23)
+    if args.opset is None:
+        args.opset = PORTABLE_OPSET if portable else ATTENTION_OPSET
+    elif args.opset >= ATTENTION_OPSET and portable:
         console.print(f"[yellow]--opset {args.opset}: attention exports as ONNX Attention nodes, which TensorRT "
                       f"before 10.14 and onnxruntime before 1.23 cannot run (--opset {PORTABLE_OPSET} can)")
     if skipped:

@@ -213,11 +213,8 @@ class ManhattanSelfAttention(nn.Module):
             qh, kh, vh = (t.reshape(b, h * w, n, d).transpose(1, 2) for t in (q, k, v))
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=tables[2].unsqueeze(0), scale=1.0)
             return out.transpose(1, 2).reshape(b, h, w, c)
-        bias_w, bias_h, mask_h = tables[2], tables[3], tables[4]
-        # along W: batch (B*H), heads n, sequence W
-        qh, kh, vh = (t.reshape(b * h, w, n, d).transpose(1, 2) for t in (q, k, v))
-        v = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_w.reshape(1, n, w, w), scale=1.0)
-        v = v.transpose(1, 2).reshape(b, h, w, c)
+        bias_h, mask_h = tables[3], tables[4]
+        v = self._attend_along_w(q, k, v, tables[2]).transpose(1, 2).reshape(b, h, w, c)
         if mask_h is not None:      # along H: batch B, "heads" (W, n) merged (stride d), sequence H
             qh, kh, vh = (t.reshape(b, h, w * n, d).transpose(1, 2) for t in (q, k, v))
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask_h, scale=1.0)
@@ -228,6 +225,13 @@ class ManhattanSelfAttention(nn.Module):
             qh, kh, vh = (t[..., s].transpose(1, 2) for t in (q, k, v))
             outs.append(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_h[i], scale=1.0).transpose(1, 2))
         return torch.cat(outs, dim=-1)
+
+    def _attend_along_w(self, q, k, v, bias_w):
+        """First axial pass of both SDPA paths: batch (B*H), heads n, sequence W; out (B*H, n, W, d)."""
+        b, h, w, _ = v.shape
+        n, d = self.num_heads, self.head_dim
+        qh, kh, vh = (t.reshape(b * h, w, n, d).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_w.reshape(1, n, w, w), scale=1.0)
 
     def _attend_op(self, q, k, v, tables):
         """Traced path for opset 23+: every attention is one SDPA call, which exports as one ONNX
@@ -240,9 +244,8 @@ class ManhattanSelfAttention(nn.Module):
             return self._attend_sdpa(q, k, v, tables)
         b, h, w, c = v.shape
         n, d = self.num_heads, self.head_dim
-        bias_w, bias_h = tables[2], tables[3]
-        qh, kh, vh = (t.reshape(b * h, w, n, d).transpose(1, 2) for t in (q, k, v))
-        v = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_w.reshape(1, n, w, w), scale=1.0)
+        bias_h = tables[3]
+        v = self._attend_along_w(q, k, v, tables[2])
         qh, kh = (t.reshape(b, h, w, n, d).permute(0, 2, 3, 1, 4).reshape(b * w, n, h, d) for t in (q, k))
         vh = v.reshape(b, h, n, w, d).permute(0, 3, 2, 1, 4).reshape(b * w, n, h, d)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_h.reshape(1, n, h, h), scale=1.0)
