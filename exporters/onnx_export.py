@@ -31,6 +31,12 @@ TABLE_REBUILD_OPS = {"Range", "Shape", "Expand", "ConstantOfShape", "Sin", "Cos"
 FP16_FP32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "Attention"]
 
 
+def _heads_attention_onnx(q, k, v, mask, num_heads: int):
+    """`rmt_deploy::heads_attention` as one ONNX Attention node on 3-D inputs (opset 23)."""
+    from onnxscript import opset23 as op
+    return op.Attention(q, k, v, mask, q_num_heads=num_heads, kv_num_heads=num_heads, scale=1.0)[0]
+
+
 class ExportError(RuntimeError):
     """The model could not be exported or the exported graph failed a check."""
 
@@ -72,7 +78,8 @@ def export_onnx(model: RMT, path: str | Path, *, batch_size: int = 1, dynamic_ba
         try:
             program = torch.onnx.export(model, (x,), input_names=["images"], output_names=names, dynamo=True,
                                         opset_version=opset, dynamic_shapes={"x": dims} if dims else None,
-                                        verbose=False, optimize=True)
+                                        verbose=False, optimize=True, custom_translation_table={
+                                            torch.ops.rmt_deploy.heads_attention.default: _heads_attention_onnx})
         except Exception as exc:  # torch.export's own errors are long; keep the cause, add what was asked
             raise ExportError(f"torch.onnx.export failed for {model.config.name} "
                               f"({'dynamic' if dims else 'static'} shapes): {exc}") from exc

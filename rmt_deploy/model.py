@@ -19,7 +19,8 @@ then rewrites them in place into the inference form that `forward` runs:
 Traced graphs (export, ``torch.compile``) run `Block.forward_graph`: the residual stream stays NCHW so
 every conv and residual add works in the runtime's conv layout, q/k/v are three GEMMs over slices of
 the fused weight, and the FFN and ``out_proj`` are 1x1 convolutions. Attention is explicit
-matmul/softmax (opset 20, TensorRT), or SDPA calls that export as ONNX ``Attention`` nodes (opset 23+).
+matmul/softmax (opset 20, TensorRT), or `heads_attention_op` calls that export as ONNX ``Attention``
+nodes on 3-D tensors, heads split inside the node (opset 23+).
 
 Rotary sin/cos tables and decay biases depend only on the stage resolution: `RelPos` computes them
 once per (H, W) and caches them, so eager inference never rebuilds them and a fixed-size export
@@ -43,8 +44,9 @@ __all__ = [
 # helpers
 # --------------------------------------------------------------------------------------------
 
-# Largest decay mask (elements) the eager decomposed H pass materialises per stage and resolution
-# (4 MiB of fp32 covers 224x224 inputs); larger grids run that pass one head at a time instead.
+# Largest decay mask (elements) the decomposed H pass materialises per stage and resolution, in
+# eager mode or as a constant of a static opset-23 export (4 MiB of fp32 covers 224x224 inputs);
+# larger grids run that pass one head at a time (eager) or behind permutes (traced) instead.
 _MAX_MASK_ELEMENTS = 1 << 20
 
 
@@ -94,6 +96,29 @@ def _norm_channels(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 def _conv1x1(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A linear layer over the channels of an NCHW tensor, as a 1x1 convolution."""
     return F.conv2d(x, layer.weight[:, :, None, None], layer.bias)
+
+
+def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    num_heads: int) -> torch.Tensor:
+    """SDPA over (batch, sequence, heads * d) tensors: heads split as strided views (no copies in),
+    merged on the way out; ``mask`` broadcasts to (batch, heads, sequence, sequence)."""
+    qh, kh, vh = (t.unflatten(-1, (num_heads, -1)).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=1.0)
+    return out.transpose(1, 2).flatten(-2)
+
+
+@torch.library.custom_op("rmt_deploy::heads_attention", mutates_args=())
+def heads_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       num_heads: int) -> torch.Tensor:
+    """`heads_attention` as one opaque op for tracing: the ONNX exporter writes it as one opset-23
+    ``Attention`` node on the 3-D tensors (heads split inside the node), so no layout transposes
+    surround attention in the graph."""
+    return heads_attention(q, k, v, mask, num_heads)
+
+
+@heads_attention_op.register_fake
+def _heads_attention_shape(q, k, v, mask, num_heads):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _nhwc_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +210,7 @@ class ManhattanSelfAttention(nn.Module):
         q, k, v = (F.linear(flat, weight[i * c:(i + 1) * c], bias[i * c:(i + 1) * c]).reshape(b, h, w, c)
                    for i in range(3))
         q, k = self._rotary(q, cos, sin), self._rotary(k, cos, sin)
-        attend = self._attend_op if self.attention_op else self._attend_explicit
+        attend = self._attend_sdpa if self.attention_op else self._attend_explicit
         out = attend(q, k, v, tables).permute(0, 3, 1, 2) + self.lepe.conv(v.permute(0, 3, 1, 2))
         return _conv1x1(self.out_proj, out)
 
@@ -205,51 +230,35 @@ class ManhattanSelfAttention(nn.Module):
         return (heads * cos + swapped * sin).flatten(-3)
 
     def _attend_sdpa(self, q, k, v, tables):
-        """Eager path: fused SDPA kernels on strided head views of the (B, H, W, C) tensors, so no
-        head-major copies and no materialised logits; every output is contiguous (B, H, W, C)."""
+        """Eager path, and the traced one at opset 23+ (``attention_op``): every attention is one
+        `heads_attention` call on (batch, sequence, heads * d) views of the (B, H, W, C) tensors, so
+        there are no head-major copies, no materialised logits, and every output is contiguous
+        (B, H, W, C). Traced, each call is one ONNX ``Attention`` node that splits the heads itself
+        (rmt_t batch 8 in ONNX Runtime ~11 % faster than 4-D heads behind Transpose nodes)."""
         b, h, w, c = v.shape
         n, d = self.num_heads, self.head_dim
-        if not self.decomposed:     # heads (B, n, HW, d) are views; the mask is (1, n, HW, HW)
-            qh, kh, vh = (t.reshape(b, h * w, n, d).transpose(1, 2) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=tables[2].unsqueeze(0), scale=1.0)
-            return out.transpose(1, 2).reshape(b, h, w, c)
+        attend = heads_attention_op if self.attention_op else heads_attention
+        if not self.decomposed:     # the mask is (1, n, HW, HW)
+            out = attend(q.reshape(b, h * w, c), k.reshape(b, h * w, c), v.reshape(b, h * w, c),
+                         tables[2].unsqueeze(0), n)
+            return out.reshape(b, h, w, c)
+        # along W: batch (B, H), sequence W
+        v = attend(q.reshape(b * h, w, c), k.reshape(b * h, w, c), v.reshape(b * h, w, c), tables[2].unsqueeze(0), n)
         bias_h, mask_h = tables[3], tables[4]
-        v = self._attend_along_w(q, k, v, tables[2]).transpose(1, 2).reshape(b, h, w, c)
-        if mask_h is not None:      # along H: batch B, "heads" (W, n) merged (stride d), sequence H
-            qh, kh, vh = (t.reshape(b, h, w * n, d).transpose(1, 2) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask_h, scale=1.0)
-            return out.transpose(1, 2).reshape(b, h, w, c)
-        outs = []                   # large grids: one call per head (heads = W), no big mask
+        if mask_h is not None:      # along H: batch B, sequence H, heads (W, n) with the bias per column
+            out = attend(q.reshape(b, h, w * c), k.reshape(b, h, w * c), v.reshape(b, h, w * c), mask_h, w * n)
+            return out.reshape(b, h, w, c)
+        if self.attention_op:       # large or dynamic grids, traced: batch (B, W), one permute each
+            qh, kh, vh = (t.reshape(b, h, w, n, d).permute(0, 2, 3, 1, 4).reshape(b * w, n, h, d) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_h.reshape(1, n, h, h), scale=1.0)
+            return out.reshape(b, w, n, h, d).permute(0, 3, 1, 2, 4).reshape(b, h, w, c)
+        v = v.reshape(b, h, w, c)
+        outs = []                   # large grids, eager: one call per head (heads = W), no big mask
         for i in range(n):
             s = slice(i * d, (i + 1) * d)
             qh, kh, vh = (t[..., s].transpose(1, 2) for t in (q, k, v))
             outs.append(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_h[i], scale=1.0).transpose(1, 2))
         return torch.cat(outs, dim=-1)
-
-    def _attend_along_w(self, q, k, v, bias_w):
-        """First axial pass of both SDPA paths: batch (B*H), heads n, sequence W; out (B*H, n, W, d)."""
-        b, h, w, _ = v.shape
-        n, d = self.num_heads, self.head_dim
-        qh, kh, vh = (t.reshape(b * h, w, n, d).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_w.reshape(1, n, w, w), scale=1.0)
-
-    def _attend_op(self, q, k, v, tables):
-        """Traced path for opset 23+: every attention is one SDPA call, which exports as one ONNX
-        ``Attention`` node, so the runtime keeps each head's logits in cache (ONNX Runtime's CPU
-        kernel works head by head: rmt_t batch 8 ~7 % faster than the explicit chain).
-
-        Heads are 4-D (batch, n, L, d) with the decay bias broadcast over the batch: along W the
-        batch is (B, H); along H it is (B, W), q, k and v moved there by one permute each."""
-        if not self.decomposed:
-            return self._attend_sdpa(q, k, v, tables)
-        b, h, w, c = v.shape
-        n, d = self.num_heads, self.head_dim
-        bias_h = tables[3]
-        v = self._attend_along_w(q, k, v, tables[2])
-        qh, kh = (t.reshape(b, h, w, n, d).permute(0, 2, 3, 1, 4).reshape(b * w, n, h, d) for t in (q, k))
-        vh = v.reshape(b, h, n, w, d).permute(0, 3, 2, 1, 4).reshape(b * w, n, h, d)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_h.reshape(1, n, h, h), scale=1.0)
-        return out.reshape(b, w, n, h, d).permute(0, 3, 1, 2, 4).reshape(b, h, w, c)
 
     def _attend_explicit(self, q, k, v, tables):
         """Traced path (portable export, torch.compile): explicit matmul -> + decay bias -> softmax -> matmul.
@@ -372,8 +381,8 @@ class RelPos(nn.Module):
     def forward(self, h: int, w: int, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
         """The rotary tables (``exp(i p theta)`` and None, or cos and signed sin laid out like the
         q/k channels, one entry per head so graph runtimes broadcast over the batch only), then the
-        decay bias: (n, W, W), (n, H, H) and (eager only, None when large or tracing) the H-pass
-        SDPA mask (1, W*n, H, H) for decomposed stages, (n, HW, HW) for full ones."""
+        decay bias: (n, W, W), (n, H, H) and the H-pass SDPA mask (1, W*n, H, H) for decomposed
+        stages (None when large, or built under a trace), (n, HW, HW) for full ones."""
         kind = self.rotary_kind(dtype)
         key = (h, w, dtype, self.decay.device, kind)
         if _is_tracing() and not isinstance(h, torch.SymInt) and not isinstance(w, torch.SymInt):
@@ -410,7 +419,7 @@ class RelPos(nn.Module):
             bias_h = (dist_h * decay[:, None, None]).to(dtype)
             mask_h = None
             if not _is_tracing() and w * self.num_heads * h * h <= _MAX_MASK_ELEMENTS:
-                n = self.num_heads      # H-pass mask for the eager SDPA path: "heads" are (W, n)
+                n = self.num_heads      # H-pass mask of the SDPA path: "heads" are (W, n)
                 mask_h = bias_h.reshape(1, n, h, h).expand(w, n, h, h).reshape(1, w * n, h, h)
             return cos, sin, bias_w, bias_h, mask_h
         dist = (dist_h[:, None, :, None] + dist_w[None, :, None, :]).reshape(h * w, h * w)
