@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.opset is None:
         args.opset = PORTABLE_OPSET if portable else ATTENTION_OPSET
     elif args.opset >= ATTENTION_OPSET and portable:
-        console.print(f"[yellow]--opset {args.opset}: attention exports as ONNX Attention nodes, which TensorRT "
-                      f"before 10.14 and onnxruntime before 1.23 cannot run (--opset {PORTABLE_OPSET} can)")
+        console.print(f"[yellow]--opset {args.opset}: attention exports as 3-D ONNX Attention nodes, which onnxruntime "
+                      f"before 1.23 cannot run and TensorRT's parser is not known to take (--opset {PORTABLE_OPSET} is "
+                      f"the portable graph)")
     if skipped:
         console.print(f"[yellow]{skipped}; exporting ONNX only")
     weights = "auto" if args.ema is None else ("ema" if args.ema else "model")

@@ -89,7 +89,7 @@ def _moves_one_axis_or_keeps_last(perm: list[int]) -> bool:
 
 def test_attention_layout_changes_stay_cheap(tiny_static, tmp_path):
     """In ONNX Runtime's optimised graph, Attention nodes take (batch, sequence, heads * d) tensors
-    that no Transpose made (the node splits the heads; rmt_t batch 8 ~11 % faster than 4-D heads
+    that no Transpose made (the node splits the heads; rmt_t batch 8 ~10 % faster than 4-D heads
     behind Transposes); in the portable graph every attention layout change is a block copy (one axis
     moved, or the head dimension left last): the compound permutations an earlier graph produced ran
     ~8x slower and cost 5-7 % of rmt_t's CPU throughput."""
