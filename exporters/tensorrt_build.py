@@ -35,7 +35,7 @@ INSTALL_HINT = ("pip install tensorrt --extra-index-url https://pypi.nvidia.com 
 # Layer names (ONNX node names carried over by the parser) kept in FP32 on the TensorRT 10 FP16 path.
 # Layer *types* NORMALIZATION and SOFTMAX are always kept; these catch decomposed LayerNorms
 # (ReduceMean/Sub/Pow/Sqrt/Div under ".../norm..."), the Add that applies the retention decay, and
-# opset-23 Attention nodes (".../scaled_dot_product_attention...").
+# opset-23 Attention nodes ("node_heads_attention_N", "node_scaled_dot_product_attention_N").
 DEFAULT_FP32_LAYER_PATTERNS: tuple[str, ...] = (r"norm", r"softmax", r"decay", r"relpos", r"mask", r"attention")
 
 ProgressCallback = Callable[[str], None]

@@ -20,7 +20,8 @@ Traced graphs (export, ``torch.compile``) run `Block.forward_graph`: the residua
 every conv and residual add works in the runtime's conv layout, q/k/v are three GEMMs over slices of
 the fused weight, and the FFN and ``out_proj`` are 1x1 convolutions. Attention is explicit
 matmul/softmax (opset 20, TensorRT), or `heads_attention_op` calls that export as ONNX ``Attention``
-nodes on 3-D tensors, heads split inside the node (opset 23+).
+nodes on 3-D tensors, heads split inside the node (opset 23+; an H pass whose per-column mask would be
+too large keeps 4-D heads).
 
 Rotary sin/cos tables and decay biases depend only on the stage resolution: `RelPos` computes them
 once per (H, W) and caches them, so eager inference never rebuilds them and a fixed-size export
@@ -45,7 +46,8 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 # Largest decay mask (elements) the decomposed H pass materialises per stage and resolution, in
-# eager mode or as a constant of a static opset-23 export (4 MiB of fp32 covers 224x224 inputs);
+# eager mode or as a constant of a static opset-23 export (4 MiB of fp32: every decomposed stage of
+# rmt_t/s/b at 224 px, all but rmt_l's first);
 # larger grids run that pass one head at a time (eager) or behind permutes (traced) instead.
 _MAX_MASK_ELEMENTS = 1 << 20
 
@@ -150,7 +152,7 @@ class ManhattanSelfAttention(nn.Module):
         self.dim, self.num_heads, self.decomposed = dim, num_heads, decomposed
         self.head_dim = dim // num_heads
         self.export_layout = False
-        self.attention_op = False       # traced attention as SDPA (ONNX Attention nodes, opset 23+)
+        self.attention_op = False       # attention through rmt_deploy::heads_attention (ONNX Attention, opset 23+)
         # pair-member swap for the graph rotary; a buffer, so it follows the module's device
         self.register_buffer("swap_index", torch.tensor([1, 0]), persistent=False)
         self.q_proj = nn.Linear(dim, dim)
@@ -230,11 +232,13 @@ class ManhattanSelfAttention(nn.Module):
         return (heads * cos + swapped * sin).flatten(-3)
 
     def _attend_sdpa(self, q, k, v, tables):
-        """Eager path, and the traced one at opset 23+ (``attention_op``): every attention is one
-        `heads_attention` call on (batch, sequence, heads * d) views of the (B, H, W, C) tensors, so
-        there are no head-major copies, no materialised logits, and every output is contiguous
-        (B, H, W, C). Traced, each call is one ONNX ``Attention`` node that splits the heads itself
-        (rmt_t batch 8 in ONNX Runtime ~10 % faster than 4-D heads behind Transpose nodes)."""
+        """Eager path, and the export form at opset 23+ (``attention_op``): attention runs as
+        `heads_attention` calls on (batch, sequence, heads * d) views of the (B, H, W, C) tensors, so
+        there are no head-major copies and no materialised logits; outputs are contiguous (B, H, W, C).
+        Exported, each call is one ONNX ``Attention`` node that splits the heads itself (rmt_t batch 8
+        in ONNX Runtime ~10 % faster than 4-D heads behind Transpose nodes). The H pass needs the
+        per-column mask ``tables[4]``; without it (grids over `_MAX_MASK_ELEMENTS`, dynamic sizes) it
+        runs one head at a time (eager) or as 4-D heads behind one permute each (export form)."""
         b, h, w, c = v.shape
         n, d = self.num_heads, self.head_dim
         attend = heads_attention_op if self.attention_op else heads_attention
@@ -248,7 +252,7 @@ class ManhattanSelfAttention(nn.Module):
         if mask_h is not None:      # along H: batch B, sequence H, heads (W, n) with the bias per column
             out = attend(q.reshape(b, h, w * c), k.reshape(b, h, w * c), v.reshape(b, h, w * c), mask_h, w * n)
             return out.reshape(b, h, w, c)
-        if self.attention_op:       # large or dynamic grids, traced: batch (B, W), one permute each
+        if self.attention_op:       # large or dynamic grids, export form: batch (B, W), one permute each
             qh, kh, vh = (t.reshape(b, h, w, n, d).permute(0, 2, 3, 1, 4).reshape(b * w, n, h, d) for t in (q, k, v))
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias_h.reshape(1, n, h, h), scale=1.0)
             return out.reshape(b, w, n, h, d).permute(0, 3, 1, 2, 4).reshape(b, h, w, c)
@@ -596,7 +600,8 @@ class RMT(nn.Module):
 
         Same outputs; the graph then rotates with one Gather over half-heads instead of a gather
         of single channels. Eager inference is faster in the released layout (a complex multiply).
-        ``attention_op``: trace attention as SDPA (ONNX ``Attention`` nodes; opset 23+ only)."""
+        ``attention_op``: attention through the ``rmt_deploy::heads_attention`` op (ONNX ``Attention``
+        nodes; opset 23+ only; inference only, the op has no autograd formula)."""
         self.fuse()
         for stage in self.layers:
             stage.Relpos.export_layout = True

@@ -96,7 +96,7 @@ def test_fp32_layer_selection():
     assert tb.wants_fp32("anything", "LayerType.SOFTMAX")
     assert tb.wants_fp32("/layers.0/blocks.1/norm1/ReduceMean", "LayerType.REDUCE")
     assert tb.wants_fp32("/retention/decay_mask/Add", "LayerType.ELEMENTWISE")
-    assert tb.wants_fp32("node_scaled_dot_product_attention_3", "LayerType.ATTENTION")     # opset-23 files
+    assert tb.wants_fp32("node_heads_attention_3", "LayerType.ATTENTION")     # opset-23 files
     assert not tb.wants_fp32("/layers.0/blocks.1/ffn/fc1/MatMul", "LayerType.MATRIX_MULTIPLY")
 
 
