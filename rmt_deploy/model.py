@@ -46,10 +46,10 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 # Largest decay mask (elements) the decomposed H pass materialises per stage and resolution, in
-# eager mode or as a constant of a static opset-23 export (4 MiB of fp32: every decomposed stage of
-# rmt_t/s/b at 224 px, all but rmt_l's first); larger grids run that pass one head at a time
+# eager mode or as a constant of a static opset-23 export (8 MiB of fp32: every decomposed stage of
+# rmt_t/s/b/l at 224 px, rmt_l's first being 4.9 MiB); larger grids run that pass one head at a time
 # (eager) or as 4-D heads behind permutes (export form) instead.
-_MAX_MASK_ELEMENTS = 1 << 20
+_MAX_MASK_ELEMENTS = 1 << 21
 
 
 def _is_tracing() -> bool:

@@ -126,11 +126,11 @@ def test_attention_layout_changes_stay_cheap(tiny_static, tmp_path):
 def test_large_grid_export_mixes_attention_forms(tiny_model, tmp_path):
     """A stage whose per-column H-pass mask would pass the size limit keeps 4-D heads in an opset-23
     export, the other stages 3-D Attention nodes; the mixed graph matches eager."""
-    path = export_onnx(tiny_model, tmp_path / "large.onnx", height=384, width=256)   # stage 1: 96x64 grid
+    path = export_onnx(tiny_model, tmp_path / "large.onnx", height=512, width=384)   # stage 1: 128x96 grid
     attention = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Attention"]
     three_d = [n for n in attention if any(a.name == "q_num_heads" for a in n.attribute)]
     assert 0 < len(three_d) < len(attention), f"{len(three_d)} of {len(attention)} Attention nodes are 3-D"
-    eager_vs_onnx(tiny_model, path, [(1, 3, 384, 256)], Tolerance()).raise_for_failure()
+    eager_vs_onnx(tiny_model, path, [(1, 3, 512, 384)], Tolerance()).raise_for_failure()
 
 
 def test_dynamic_hw_features_export(tmp_path, tiny_checkpoint):
