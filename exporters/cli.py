@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         args.opset = PORTABLE_OPSET if portable else ATTENTION_OPSET
     elif args.opset >= ATTENTION_OPSET and portable:
         console.print(f"[yellow]--opset {args.opset}: attention exports as 3-D ONNX Attention nodes, which onnxruntime "
-                      f"before 1.23 cannot run and TensorRT's parser is not known to take (--opset {PORTABLE_OPSET} is "
-                      f"the portable graph)")
+                      f"before 1.23 cannot run and TensorRT (Attention importer since 10.14) is untested with "
+                      f"(--opset {PORTABLE_OPSET} is the portable graph)")
     if skipped:
         console.print(f"[yellow]{skipped}; exporting ONNX only")
     weights = "auto" if args.ema is None else ("ema" if args.ema else "model")

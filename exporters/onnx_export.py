@@ -22,8 +22,8 @@ MIN_OPSET = 17          # LayerNormalization is one node from opset 17 on
 # 20: a native Gelu node, attention as explicit MatMul/Softmax; every TensorRT 10.x (opsets 9-20)
 # and every ONNX Runtime execution provider runs it
 PORTABLE_OPSET = 20
-# 23+: attention exports as ONNX Attention nodes (ONNX Runtime >= 1.23, OpenVINO >= 2026.0; not
-# known to parse in TensorRT), on 3-D (batch, sequence, heads * d) tensors wherever the H pass's
+# 23+: attention exports as ONNX Attention nodes (ONNX Runtime >= 1.23, OpenVINO >= 2026.0; TensorRT
+# has an Attention importer since 10.14, untested with this form), on 3-D (batch, sequence, heads * d) tensors wherever the H pass's
 # per-column mask fits (see rmt_deploy.model._MAX_MASK_ELEMENTS): no Transpose splits or merges
 # heads, rmt_t batch 8 in ONNX Runtime ~12 % faster than the explicit chain
 ATTENTION_OPSET = 23
