@@ -3,6 +3,7 @@
 # every step is labelled and allowed to fail; the TensorRT tests run only when `import tensorrt` works.
 # Usage: bash scripts/gpu_smoke.sh   (from the repository root; PYTHON=... to pick an interpreter)
 set -u
+export PYTHONSAFEPATH=1   # the installed package, not the source folders in the current directory (Python 3.11+)
 cd "$(dirname "$0")/.." || exit 0
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then

@@ -2,6 +2,7 @@
 table and the accuracy mode."""
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 import json
@@ -135,14 +136,37 @@ def test_compile_backend_runs_or_says_why(config_path, cache, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip reasons of a machine without CUDA")
-def test_cuda_without_cuda_is_skipped_with_reasons(config_path, cache, tmp_path):
-    out = tmp_path / "cuda.json"
-    assert main(["--model", str(config_path), "--backends", "eager,tensorrt", "--batch-sizes", "1", *FAST,
-                 "--device", "cuda", "--cache-dir", cache, "--json", str(out)]) == 0
+def test_cuda_without_cuda_is_skipped_with_reasons(config_path, tmp_path):
+    out, cache = tmp_path / "cuda.json", tmp_path / "cache"
+    backends = ["eager", "compile", "onnxruntime", "openvino", "tensorrt"]
+    assert main(["--model", str(config_path), "--backends", ",".join(backends), "--batch-sizes", "1", *FAST,
+                 "--device", "cuda", "--cache-dir", str(cache), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert [r["backend"] for r in report["results"]] == ["eager", "tensorrt"]
-    assert all("CUDA" in r["skipped"] for r in report["results"])
+    reasons = {r["backend"]: r["skipped"] for r in report["results"]}
+    assert list(reasons) == backends
+    for backend in ("eager", "compile", "tensorrt"):
+        assert "CUDA" in reasons[backend]
+    assert "CUDAExecutionProvider" in reasons["onnxruntime"] or "not installed" in reasons["onnxruntime"]
+    assert "CPU only" in reasons["openvino"]
+    assert not cache.exists() or not any(cache.iterdir())     # nothing exported for backends that cannot run
     assert "error" in report["machine"]["matmul_peak"]["fp32"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["eager", "compile"])
+def test_cuda_torch_runners_split_and_match_cpu(tiny_model, backend):
+    from rmt_deploy.runners import INPUT_NAME, open_runner
+
+    images = np.random.default_rng(1).standard_normal((2, 3, SIZE, SIZE), dtype=np.float32)
+    with torch.inference_mode():
+        ref = tiny_model(torch.from_numpy(images)).numpy()
+    for precision, tol in (("fp32", 1e-3), ("fp16", 2e-2)):
+        with open_runner(backend, model=copy.deepcopy(tiny_model), device="cuda", precision=precision) as runner:
+            for _ in range(3):      # the compiled model records its CUDA graph on the first calls
+                out = runner.infer({INPUT_NAME: images})["logits"]
+            assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < tol, precision
+            t = runner.last_timing
+            assert t.compute_ms > 0 and t.h2d_ms > 0 and t.d2h_ms > 0
 
 
 def test_paper_table_quotes_and_counts():
@@ -158,6 +182,12 @@ def test_paper_table_quotes_and_counts():
     assert (row["paper_top1"], row["paper_gflops"], row["paper_images_per_s"]) == (82.4, 2.5, 1650)
     assert row["measured"] == {"onnxruntime": {"images_per_s": 165.0, "batch_size": 8, "precision": "fp32"}}
     assert row["best_over_paper"] == pytest.approx(0.1)
+    assert row["best_device_over_paper"] is None         # CPU rows have no device-only throughput
+    gpu = dict(report, results=[{"model": "rmt_t", "backend": "compile", "precision": "fp16", "batch_size": 64,
+                                 "images_per_s": 5000.0, "device_images_per_s": 8250.0}])
+    row, = paper_table(gpu)
+    assert row["best_over_paper"] == pytest.approx(5000 / 1650)
+    assert row["best_device_over_paper"] == pytest.approx(5.0)
     assert "CVPR 2024" in paper.SOURCE and "Table 9" in paper.SOURCE
 
 

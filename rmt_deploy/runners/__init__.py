@@ -33,5 +33,16 @@ def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str
     raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
 
 
+def onnx_runner_unavailable_reason(backend: str, device: str) -> str | None:
+    """Why ``backend`` (onnxruntime or openvino) cannot run on ``device`` here, or None."""
+    if backend == "onnxruntime":
+        from .onnxruntime import unavailable_reason
+    elif backend == "openvino":
+        from .openvino import unavailable_reason
+    else:
+        raise ValueError(f"{backend!r} does not run ONNX files")
+    return unavailable_reason(device)
+
+
 __all__ = ["BACKENDS", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
-           "infer_padded", "open_runner", "output_names"]
+           "infer_padded", "onnx_runner_unavailable_reason", "open_runner", "output_names"]

@@ -55,7 +55,15 @@ class EagerRunner(Runner):
         self.model.fuse().to(self.device, _DTYPES[self.precision]).eval()
         if not self.device.startswith("cuda"):
             keep_freed_memory()
-        self._fn = torch.compile(self.model, dynamic=False) if self.compile else self.model
+        if self.compile:
+            # On CUDA the compiled model runs as one CUDA graph ("reduce-overhead"): it launches ~1k
+            # small kernels per forward and is launch-bound without (H100, rmt_s batch 64 fp16:
+            # 25.6 ms per batch compiled, 11.3 ms compiled and graphed). Outputs are copied to the
+            # host before the next call, so the graph's reused output buffers are safe.
+            mode = "reduce-overhead" if self.device.startswith("cuda") else None
+            self._fn = torch.compile(self.model, dynamic=False, mode=mode)
+        else:
+            self._fn = self.model
 
     def metadata(self) -> RunnerMetadata:
         dtype = "float32" if self.precision == "fp32" else ("float16" if self.precision == "fp16" else "bfloat16")
@@ -67,18 +75,28 @@ class EagerRunner(Runner):
 
     @torch.inference_mode()
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cuda = self.device.startswith("cuda")
-        images = feed[INPUT_NAME]
+        images = np.ascontiguousarray(feed[INPUT_NAME], dtype=np.float32)
+        if self.device.startswith("cuda"):
+            return self._infer_cuda(images)
         start = time.perf_counter()
-        x = torch.as_tensor(np.ascontiguousarray(images, dtype=np.float32)).to(self.device, _DTYPES[self.precision])
-        if cuda:
-            torch.cuda.synchronize()
-        copied = time.perf_counter()
+        out = self._fn(torch.as_tensor(images).to(_DTYPES[self.precision]))
+        self.last_timing = Timing(compute_ms=(time.perf_counter() - start) * 1e3)
+        return self._outputs(out)
+
+    def _infer_cuda(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The host-to-device copy, the forward and the copy back, timed with CUDA events."""
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        marks[0].record()
+        x = torch.as_tensor(images).to(self.device, _DTYPES[self.precision])
+        marks[1].record()
         out = self._fn(x)
-        if cuda:
-            torch.cuda.synchronize()
-        computed = time.perf_counter()
-        outs = [out] if isinstance(out, torch.Tensor) else list(out)
-        result = {n: t.float().cpu().numpy() for n, t in zip(self.model.output_names, outs)}
-        self.last_timing = Timing((copied - start) * 1e3, (computed - copied) * 1e3, (time.perf_counter() - computed) * 1e3)
+        marks[2].record()
+        result = self._outputs(out)
+        marks[3].record()
+        marks[3].synchronize()
+        self.last_timing = Timing(*(a.elapsed_time(b) for a, b in zip(marks, marks[1:])))
         return result
+
+    def _outputs(self, out) -> dict[str, np.ndarray]:
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        return {n: t.float().cpu().numpy() for n, t in zip(self.model.output_names, outs)}

@@ -21,6 +21,18 @@ def _import_ort():
     return onnxruntime
 
 
+def unavailable_reason(device: str) -> str | None:
+    """Why this runner cannot run on ``device`` here (checked before any ONNX file is exported)."""
+    try:
+        ort = _import_ort()
+    except RunnerUnavailable as exc:
+        return str(exc)
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu and CUDA); "
+                f"available: {ort.get_available_providers()}")
+    return None
+
+
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
@@ -34,6 +46,9 @@ class OnnxRuntimeRunner(Runner):
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
 
     def _load(self) -> None:
+        reason = unavailable_reason(self.device)
+        if reason:
+            raise RunnerUnavailable(reason)
         ort = _import_ort()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -43,9 +58,6 @@ class OnnxRuntimeRunner(Runner):
         if self.optimized_model_path:
             options.optimized_model_filepath = os.fspath(self.optimized_model_path)
         if self.device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RunnerUnavailable("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu "
-                                        f"and CUDA); available: {ort.get_available_providers()}")
             providers = [("CUDAExecutionProvider", {"device_id": int(self.device.partition(":")[2] or 0)}),
                          "CPUExecutionProvider"]
         else:

@@ -27,6 +27,17 @@ def _import_openvino():
     return openvino
 
 
+def unavailable_reason(device: str) -> str | None:
+    """Why this runner cannot run on ``device`` here (checked before any ONNX file is exported)."""
+    if device != "cpu":
+        return f"the OpenVINO runner runs on the CPU only (asked for {device!r})"
+    try:
+        _import_openvino()
+    except RunnerUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def _onnx_metadata(model) -> dict[str, str]:
     """The exporter's ``rmt.*`` metadata: OpenVINO's ONNX reader keeps metadata_props under 'framework'."""
     if not model.has_rt_info(["framework"]):
@@ -44,7 +55,7 @@ class OpenVINORunner(Runner):
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         if device != "cpu":
-            raise RunnerUnavailable(f"the OpenVINO runner runs on the CPU only (asked for {device!r})")
+            raise RunnerUnavailable(unavailable_reason(device))
         self.compiled = None
         self._lock = threading.Lock()      # one infer request, shared by the server's worker threads
 
