@@ -104,8 +104,10 @@ def open_backend(backend: str, model, precision: str, batch: int, settings: Sett
     if backend in ("eager", "compile"):
         if backend == "compile":
             torch._dynamo.reset()          # a fresh compile cache: no recompile limit carried over
-        # each runner casts/moves its own copy, leaving the shared model fp32 on CPU for exporting
-        return open_runner(backend, model=copy.deepcopy(model), device=settings.device, precision=precision), None
+        # each runner casts/moves its own copy, leaving the shared model fp32 on CPU for exporting;
+        # compiled models run as CUDA graphs on GPUs (every call comes from this thread)
+        return open_runner(backend, model=copy.deepcopy(model), device=settings.device, precision=precision,
+                           cuda_graphs=True), None
     if backend in ("onnxruntime", "openvino"):
         reason = onnx_runner_unavailable_reason(backend, settings.device)
         if reason:        # say so before spending minutes exporting a file nothing here can run

@@ -161,7 +161,8 @@ def test_cuda_torch_runners_split_and_match_cpu(tiny_model, backend):
     with torch.inference_mode():
         ref = tiny_model(torch.from_numpy(images)).numpy()
     for precision, tol in (("fp32", 1e-3), ("fp16", 2e-2)):
-        with open_runner(backend, model=copy.deepcopy(tiny_model), device="cuda", precision=precision) as runner:
+        with open_runner(backend, model=copy.deepcopy(tiny_model), device="cuda", precision=precision,
+                         cuda_graphs=True) as runner:
             for _ in range(3):      # the compiled model records its CUDA graph on the first calls
                 out = runner.infer({INPUT_NAME: images})["logits"]
             assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < tol, precision

@@ -38,7 +38,11 @@ def keep_freed_memory() -> bool:
 class EagerRunner(Runner):
     backend = "eager"
 
-    def __init__(self, model: RMT, device: str = "cpu", precision: str = "fp32", compile: bool = False):
+    def __init__(self, model: RMT, device: str = "cpu", precision: str = "fp32", compile: bool = False,
+                 cuda_graphs: bool = False):
+        """``cuda_graphs`` (compile on CUDA only): run the compiled model as CUDA graphs. Every call must
+        then come from the thread that made the first one: CUDA graph trees keep thread-local state
+        (pytorch#123177), so the server, which warms up and infers on different threads, leaves it off."""
         super().__init__()
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}")
@@ -47,6 +51,7 @@ class EagerRunner(Runner):
         if precision == "fp16" and not device.startswith("cuda"):
             raise RunnerUnavailable("fp16 eager needs a CUDA device (CPU half kernels are slow or missing)")
         self.model, self.device, self.precision, self.compile = model, device, precision, compile
+        self.cuda_graphs = compile and cuda_graphs and device.startswith("cuda")
         if compile:
             self.backend = "compile"
         self._fn = model
@@ -56,12 +61,11 @@ class EagerRunner(Runner):
         if not self.device.startswith("cuda"):
             keep_freed_memory()
         if self.compile:
-            # On CUDA the compiled model runs as one CUDA graph ("reduce-overhead"): it launches ~1k
-            # small kernels per forward and is launch-bound without (H100, rmt_s batch 64 fp16:
-            # 25.6 ms per batch compiled, 11.3 ms compiled and graphed). Outputs are copied to the
-            # host before the next call, so the graph's reused output buffers are safe.
-            mode = "reduce-overhead" if self.device.startswith("cuda") else None
-            self._fn = torch.compile(self.model, dynamic=False, mode=mode)
+            # CUDA graphs ("reduce-overhead"): the compiled RMT launches ~1k small kernels per forward
+            # and is launch-bound without (H100, rmt_s batch 64 fp16: 25.6 ms per batch compiled,
+            # 11.3 ms compiled and graphed). Outputs are copied to the host before the next call,
+            # so the graph's reused output buffers are safe.
+            self._fn = torch.compile(self.model, dynamic=False, mode="reduce-overhead" if self.cuda_graphs else None)
         else:
             self._fn = self.model
 
@@ -100,3 +104,4 @@ class EagerRunner(Runner):
     def _outputs(self, out) -> dict[str, np.ndarray]:
         outs = [out] if isinstance(out, torch.Tensor) else list(out)
         return {n: t.float().cpu().numpy() for n, t in zip(self.model.output_names, outs)}
+
