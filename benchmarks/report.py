@@ -76,7 +76,8 @@ def paper_table(report: dict) -> list[dict]:
                     keys = ("images_per_s", "batch_size", "precision", "device_images_per_s")
                     measured[r["backend"]] = {k: r[k] for k in keys if k in r}
         best = max((m["images_per_s"] for m in measured.values()), default=None)
-        best_device = max((m.get("device_images_per_s", 0) for m in measured.values()), default=0) or None
+        best_device = max((r.get("device_images_per_s", 0) for r in report["results"]
+                           if r["model"] == name and "skipped" not in r), default=0) or None
         rows.append({"model": name, "params_m": described["params"] / 1e6,
                      "gmacs": described["macs_per_image"] / 1e9, "img_size": size,
                      "paper_gflops": quoted.get("gflops"), "paper_top1": quoted.get("top1"),
@@ -128,7 +129,8 @@ def write_json(report: dict, path: str | Path) -> None:
 
 
 CSV_FIELDS = ["model", "backend", "precision", "batch_size", "device", "img_size", "images_per_s", "latency_mean_ms",
-              "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "h2d_ms", "compute_ms", "d2h_ms", "peak_memory_mb",
+              "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "h2d_ms", "compute_ms", "d2h_ms",
+              "device_images_per_s", "peak_memory_mb",
               "speedup_vs_eager_fp32", "gflops", "peak_fraction", "skipped"]
 
 

@@ -184,11 +184,12 @@ def test_paper_table_quotes_and_counts():
     assert row["measured"] == {"onnxruntime": {"images_per_s": 165.0, "batch_size": 8, "precision": "fp32"}}
     assert row["best_over_paper"] == pytest.approx(0.1)
     assert row["best_device_over_paper"] is None         # CPU rows have no device-only throughput
-    gpu = dict(report, results=[{"model": "rmt_t", "backend": "compile", "precision": "fp16", "batch_size": 64,
-                                 "images_per_s": 5000.0, "device_images_per_s": 8250.0}])
+    gpu = dict(report, results=[{"model": "rmt_t", "backend": "compile", "precision": "fp16", "batch_size": b,
+                                 "images_per_s": ips, "device_images_per_s": device} for b, ips, device in
+                                ((64, 5000.0, 8000.0), (256, 4900.0, 8250.0))])
     row, = paper_table(gpu)
     assert row["best_over_paper"] == pytest.approx(5000 / 1650)
-    assert row["best_device_over_paper"] == pytest.approx(5.0)
+    assert row["best_device_over_paper"] == pytest.approx(5.0)       # the best device figure, from any row
     assert "CVPR 2024" in paper.SOURCE and "Table 9" in paper.SOURCE
 
 
