@@ -70,15 +70,3 @@ class ArtifactCache:
                                         device=device)
         return path
 
-
-def tensorrt_unavailable_reason(device: str) -> str | None:
-    """Why TensorRT cannot run here, or None when it can."""
-    try:
-        from rmt_deploy.exporters.tensorrt_build import tensorrt_available
-    except ImportError as exc:
-        return f"the TensorRT builder cannot be imported: {exc}"
-    if not device.startswith("cuda"):
-        ok, reason = tensorrt_available()
-        return f"TensorRT runs on CUDA devices only (--device {device}){'' if ok else '; also ' + reason}"
-    ok, reason = tensorrt_available(device)
-    return None if ok else reason

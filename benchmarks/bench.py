@@ -18,9 +18,9 @@ import torch
 from rmt_deploy import VARIANTS, create_model
 from rmt_deploy.flops import count_macs, count_params
 from rmt_deploy.model import RMTConfig
-from rmt_deploy.runners import INPUT_NAME, RunnerUnavailable, onnx_runner_unavailable_reason, open_runner
+from rmt_deploy.runners import INPUT_NAME, RunnerUnavailable, open_runner, unavailable_reason
 
-from .artifacts import SEED, ArtifactCache, tensorrt_unavailable_reason
+from .artifacts import SEED, ArtifactCache
 from .machine import machine_info, matmul_peak
 
 
@@ -110,24 +110,19 @@ def open_backend(backend: str, model, precision: str, batch: int, settings: Sett
         # compiled models run as CUDA graphs on GPUs (every call comes from this thread)
         return open_runner(backend, model=copy.deepcopy(model), device=settings.device, precision=precision,
                            cuda_graphs=True), None
+    reason = unavailable_reason(backend, settings.device)
+    if reason:            # say so before spending minutes exporting a file nothing here can run
+        raise RunnerUnavailable(reason)
     if backend in ("onnxruntime", "openvino"):
-        reason = onnx_runner_unavailable_reason(backend, settings.device)
-        if reason:        # say so before spending minutes exporting a file nothing here can run
-            raise RunnerUnavailable(reason)
         # on GPUs the portable graph: some onnxruntime-gpu releases run Attention nodes on the CPU
         path = Path(onnx) if onnx else cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=precision == "fp16",
                                                   portable=settings.device.startswith("cuda"))
         return open_runner(backend, onnx=path, device=settings.device, threads=settings.threads), path
-    if backend == "tensorrt":
-        reason = tensorrt_unavailable_reason(settings.device)
-        if reason:
-            raise RunnerUnavailable(reason)
-        fp16 = precision == "fp16"
-        path = Path(engine) if engine else cache.engine(
-            cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=fp16, portable=True), batch_size=batch,
-            size=settings.img_size, fp16=fp16, device=settings.device)
-        return open_runner("tensorrt", engine=path, device=settings.device, precision=precision), path
-    raise ValueError(f"unknown backend {backend!r}")
+    fp16 = precision == "fp16"       # tensorrt
+    path = Path(engine) if engine else cache.engine(
+        cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=fp16, portable=True), batch_size=batch,
+        size=settings.img_size, fp16=fp16, device=settings.device)
+    return open_runner("tensorrt", engine=path, device=settings.device, precision=precision), path
 
 
 def _check_artifact(runner, artifact, model, precision: str, batch: int, size: int) -> None:

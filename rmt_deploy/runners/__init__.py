@@ -35,16 +35,19 @@ def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str
     raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
 
 
-def onnx_runner_unavailable_reason(backend: str, device: str) -> str | None:
-    """Why ``backend`` (onnxruntime or openvino) cannot run on ``device`` here, or None."""
+def unavailable_reason(backend: str, device: str) -> str | None:
+    """Why a file backend (onnxruntime, openvino, tensorrt) cannot run on ``device`` here, or None:
+    asked before exporting or building anything for it."""
     if backend == "onnxruntime":
-        from .onnxruntime import unavailable_reason
+        from .onnxruntime import unavailable_reason as reason
     elif backend == "openvino":
-        from .openvino import unavailable_reason
+        from .openvino import unavailable_reason as reason
+    elif backend == "tensorrt":
+        from .tensorrt import unavailable_reason as reason
     else:
-        raise ValueError(f"{backend!r} does not run ONNX files")
-    return unavailable_reason(device)
+        raise ValueError(f"unknown file backend {backend!r}; choose from onnxruntime, openvino, tensorrt")
+    return reason(device)
 
 
 __all__ = ["BACKENDS", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
-           "infer_padded", "onnx_runner_unavailable_reason", "open_runner", "output_names"]
+           "infer_padded", "unavailable_reason", "open_runner", "output_names"]

@@ -106,4 +106,3 @@ class EagerRunner(Runner):
     def _outputs(self, out) -> dict[str, np.ndarray]:
         outs = [out] if isinstance(out, torch.Tensor) else list(out)
         return {n: t.float().cpu().numpy() for n, t in zip(self.model.output_names, outs)}
-

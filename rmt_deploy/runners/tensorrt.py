@@ -18,6 +18,19 @@ from .base import Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
 _INPUT_AXES = ("batch", None, "height", "width")
 
 
+def unavailable_reason(device: str) -> str | None:
+    """Why TensorRT cannot run on ``device`` here, or None (checked before any engine is built)."""
+    try:
+        from rmt_deploy.exporters.tensorrt_build import tensorrt_available
+    except ImportError as exc:
+        return f"the TensorRT builder cannot be imported: {exc}"
+    if not device.startswith("cuda"):
+        ok, reason = tensorrt_available()
+        return f"TensorRT runs on CUDA devices only (--device {device}){'' if ok else '; also ' + reason}"
+    ok, reason = tensorrt_available(device)
+    return None if ok else reason
+
+
 class TensorRTRunner(Runner):
     backend = "tensorrt"
 
