@@ -152,8 +152,7 @@ def measure(runner, batch: int, settings: Settings, advance=lambda n=1: None) ->
     feed = {INPUT_NAME: np.random.default_rng(SEED).standard_normal((batch, 3, settings.img_size, settings.img_size),
                                                                       dtype=np.float32)}
     finite = True
-    # compiled CUDA graphs are recorded during the first calls: keep them out of the timed ones
-    for _ in range(max(settings.warmup, 3 if getattr(runner, "cuda_graphs", False) else 0)):
+    for _ in range(max(settings.warmup, runner.warmup_calls)):
         outputs = runner.infer(feed)
         finite = finite and all(np.isfinite(o).all() for o in outputs.values())
         advance()

@@ -89,10 +89,14 @@ def _fold_identity(conv: nn.Conv2d) -> None:
 
 
 def _norm_channels(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the channels of an NCHW tensor, returned as (B, H, W, C) tokens. It normalises
-    a 2-D (tokens, C) view: OpenVINO runs that as one MVN kernel, a 4-D one it decomposes."""
-    tokens = x.permute(0, 2, 3, 1)
-    return norm(tokens.reshape(-1, tokens.shape[-1])).reshape(tokens.shape)
+    """LayerNorm over the channels of an NCHW tensor, returned as (B, H, W, C) tokens.
+
+    It normalises (B, HW, C), reached by one 3-D transpose: OpenVINO runs that norm as one MVN
+    kernel (a 4-D one it decomposes) and reads the transpose straight from a convolution's
+    channels-last output, where a 4-D permute cost it a transpose plus a reorder (rmt_t batch 8
+    ~4 % slower)."""
+    b, c, h, w = x.shape
+    return norm(x.reshape(b, c, h * w).transpose(1, 2)).reshape(b, h, w, c)
 
 
 def _conv1x1(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

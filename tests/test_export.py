@@ -199,6 +199,45 @@ def test_openvino_runs_the_exports_like_eager(tiny_static, tmp_path):
     report.raise_for_failure()
 
 
+def _attention_file(path: Path, mask: np.ndarray) -> Path:
+    """One 3-D ONNX Attention node (2 heads of 4) with a constant additive mask."""
+    from onnx import TensorProto, helper, numpy_helper
+    tokens = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 8]) for n in ("q", "k", "v")]
+    node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["out"], q_num_heads=2, kv_num_heads=2)
+    graph = helper.make_graph([node], "attention", tokens, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8])],
+                              [numpy_helper.from_array(mask.astype(np.float32), "mask")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", ATTENTION_OPSET)]), path)
+    return path
+
+
+def test_openvino_drops_nan_guards_only_behind_finite_masks(tmp_path):
+    """The guard OpenVINO's ONNX reader adds after Attention goes only where no row can be fully
+    masked: a finite mask loses it with identical outputs; a -inf row keeps it (zeros, not NaN)."""
+    ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
+    from rmt_deploy.runners.openvino import drop_attention_nan_guards
+    rng = np.random.default_rng(0)
+    feed = {n: rng.standard_normal((1, 3, 8), dtype=np.float32) for n in ("q", "k", "v")}
+    finite = rng.standard_normal((1, 2, 3, 3))
+    masked = finite.copy()
+    masked[0, 1, 2] = -np.inf
+    core = ov.Core()
+    for mask, removed in ((finite, 1), (masked, 0)):
+        path = _attention_file(tmp_path / f"attention{removed}.onnx", mask)
+        model = core.read_model(path)
+        guarded = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        assert drop_attention_nan_guards(model) == removed
+        left = [op.get_type_name() for op in model.get_ordered_ops() if op.get_type_name() in ("IsNaN", "Select")]
+        out = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feed)[0]
+        np.testing.assert_array_equal(out, guarded(feed)[0])
+        assert np.isfinite(out).all()
+        if removed:
+            import onnxruntime
+            reference = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+            np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-6)
+        else:
+            assert np.all(out[0, :, 4:][2] == 0) and left, "the fully masked row stays zero behind its guard"
+
+
 def test_openvino_runner_refuses_other_devices(tiny_static):
     pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
     from rmt_deploy.runners import RunnerUnavailable

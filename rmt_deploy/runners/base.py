@@ -61,6 +61,8 @@ class Runner(abc.ABC):
     backend: str = "?"
     precision: str = "fp32"
     device: str = "cpu"
+    # untimed calls a runner needs before its timings are steady (e.g. CUDA graph recording)
+    warmup_calls: int = 0
 
     def __init__(self) -> None:
         self.loaded = False

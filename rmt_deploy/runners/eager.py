@@ -52,6 +52,7 @@ class EagerRunner(Runner):
             raise RunnerUnavailable("fp16 eager needs a CUDA device (CPU half kernels are slow or missing)")
         self.model, self.device, self.precision, self.compile = model, device, precision, compile
         self.cuda_graphs = compile and cuda_graphs and device.startswith("cuda")
+        self.warmup_calls = 3 if self.cuda_graphs else 0     # graphs are recorded during the first calls
         if compile:
             self.backend = "compile"
         self._fn = model
