@@ -5,6 +5,8 @@ JIT kernels, so on Intel (AVX-512) CPUs it is often the fastest CPU backend. Two
 numbers honest: float32 files run with float32 inference precision (on AMX/AVX-512-BF16 CPUs the
 plugin would otherwise silently compute in bfloat16), and the latency hint (one stream using
 every core), which is what one call at a time (the benchmark, the server's batcher) measures.
+Before compiling, the NaN guards the ONNX reader adds after attention are dropped where a finite
+mask makes them the identity (`drop_attention_nan_guards`).
 """
 from __future__ import annotations
 
