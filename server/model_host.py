@@ -67,7 +67,9 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
             torch.set_num_threads(settings.threads)
         model = create_model(settings.model, checkpoint=settings.checkpoint and str(settings.checkpoint),
                              features_only=settings.task == "features")
-        runner = open_runner(settings.backend, model=model, device=settings.device, precision=settings.precision)
+        # the batcher forms every size up to --max-batch-size: compile them as one dynamic-batch graph
+        runner = open_runner(settings.backend, model=model, device=settings.device, precision=settings.precision,
+                             dynamic_batch=True)
         runner.load()
         task, size = settings.task, settings.image_size
         name = settings.model_name or model.config.name

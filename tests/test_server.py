@@ -445,6 +445,25 @@ def test_static_batch_file_is_served_padded(backend, tmp_path, tiny_model, eager
         assert r.status_code == 400 and "1 <= N <= 2" in r.json()["error"]
 
 
+def test_compile_backend_serves_every_batch_size_from_two_compiles(model_files, eager):
+    """`--backend compile`: warm-up forms batches 1..max; one compile for batch 1 and one dynamic-batch
+    graph for the rest (a compile per size would pass torch's recompile limit and run uncompiled)."""
+    from torch._dynamo.utils import counters
+    size = 64
+    settings = make_settings(model_files, backend="compile", image_size=size)
+    images = np.stack([preprocess(decode_image(jpeg(seed)), size) for seed in range(4)])
+    want = eager(images)
+    graphs = counters["stats"]["unique_graphs"]
+    with TestClient(create_app(settings)) as client:
+        for n in (1, 3, 4, 2):
+            x = images[:n]
+            body = client.post(f"/v2/models/{MODEL_NAME}/infer", json={"inputs": [
+                {"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}).json()
+            out = body["outputs"][0]
+            np.testing.assert_allclose(np.reshape(out["data"], out["shape"]), want[:n], rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+
+
 def test_dynamic_size_features_file_is_served_at_image_size(tmp_path, tiny_config, tiny_checkpoint):
     export = pytest.importorskip("rmt_deploy.exporters.onnx_export")
     model = create_model(tiny_config, checkpoint=str(tiny_checkpoint), features_only=True)

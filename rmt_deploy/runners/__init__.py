@@ -8,15 +8,16 @@ BACKENDS = ("eager", "compile", "onnxruntime", "openvino", "tensorrt")
 
 
 def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str = "cpu",
-                precision: str = "fp32", threads: int | None = None, cuda_graphs: bool = False) -> Runner:
+                precision: str = "fp32", threads: int | None = None, cuda_graphs: bool = False,
+                dynamic_batch: bool = False) -> Runner:
     """Build (not yet load) the runner for ``backend``; each backend takes what it needs
-    (``cuda_graphs``: the compile backend on CUDA, see `EagerRunner`)."""
+    (``cuda_graphs``, ``dynamic_batch``: the compile backend, see `EagerRunner`)."""
     if backend in ("eager", "compile"):
         from .eager import EagerRunner
         if model is None:
             raise ValueError(f"backend {backend!r} needs a model")
         return EagerRunner(model, device=device, precision=precision, compile=backend == "compile",
-                           cuda_graphs=cuda_graphs)
+                           cuda_graphs=cuda_graphs, dynamic_batch=dynamic_batch)
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeRunner
         if onnx is None:

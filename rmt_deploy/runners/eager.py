@@ -39,10 +39,15 @@ class EagerRunner(Runner):
     backend = "eager"
 
     def __init__(self, model: RMT, device: str = "cpu", precision: str = "fp32", compile: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, dynamic_batch: bool = False):
         """``cuda_graphs`` (compile on CUDA only): run the compiled model as CUDA graphs. Every call must
         then come from the thread that made the first one: CUDA graph trees keep thread-local state
-        (pytorch#123177), so the server, which warms up and infers on different threads, leaves it off."""
+        (pytorch#123177), so the server, which warms up and infers on different threads, leaves it off.
+
+        ``dynamic_batch`` (compile only): the second batch size seen recompiles once into one graph for
+        every batch size (PyTorch's automatic dynamic shapes). Without it each batch size is its own
+        compile (the fastest code for a fixed batch, what rmt-bench measures), and past the recompile
+        limit (8) further sizes silently run uncompiled, which a server's varying batches would hit."""
         super().__init__()
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}")
@@ -52,6 +57,7 @@ class EagerRunner(Runner):
             raise RunnerUnavailable("fp16 eager needs a CUDA device (CPU half kernels are slow or missing)")
         self.model, self.device, self.precision, self.compile = model, device, precision, compile
         self.cuda_graphs = compile and cuda_graphs and device.startswith("cuda")
+        self.dynamic_batch = dynamic_batch
         self.warmup_calls = 3 if self.cuda_graphs else 0     # graphs are recorded during the first calls
         if compile:
             self.backend = "compile"
@@ -66,7 +72,8 @@ class EagerRunner(Runner):
             # and is launch-bound without (H100, rmt_s batch 64 fp16, the forward alone: 25.6 ms per
             # batch compiled, 11.3 ms with it captured in one CUDA graph). Outputs are copied to the
             # host before the next call, so the graph's reused output buffers are safe.
-            self._fn = torch.compile(self.model, dynamic=False, mode="reduce-overhead" if self.cuda_graphs else None)
+            self._fn = torch.compile(self.model, dynamic=None if self.dynamic_batch else False,
+                                     mode="reduce-overhead" if self.cuda_graphs else None)
         else:
             self._fn = self.model
 
