@@ -183,11 +183,15 @@ def test_fp16_parity_on_cpu(tiny_static, tmp_path):
 
 def test_openvino_runs_the_exports_like_eager(tiny_static, tmp_path):
     """The OpenVINO runner on the same files: static and dynamic-batch fp32 within the fp32 gate
-    (so it really computes in float32, not bfloat16), and the fp16 file within the fp16 gate."""
+    (so it really computes in float32, not bfloat16), and the fp16 file within the fp16 gate. The
+    static file's q/k rotations (two per block) all run as RoPE kernels."""
     pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
     model, path = tiny_static
     report = eager_vs_onnx(model, path, [(1, 3, 64, 96)] * 2, Tolerance(), backend="openvino")
     report.raise_for_failure()
+    with open_runner("openvino", onnx=path) as runner:
+        kernels = [op.get_rt_info()["layerType"].astype(str) for op in runner.compiled.get_runtime_model().get_ordered_ops()]
+        assert runner.metadata().extra["rotaries_as_rope"] == str(kernels.count("RoPE")) == str(2 * sum(TINY_CONFIG["depths"]))
     dynamic = export_onnx(model, tmp_path / "dyn.onnx", dynamic_batch=True, height=64, width=64)
     report = eager_vs_onnx(model, dynamic, [(1, 3, 64, 64), (5, 3, 64, 64)], Tolerance(), backend="openvino")
     report.raise_for_failure()
