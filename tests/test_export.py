@@ -1,6 +1,7 @@
 """ONNX export, FP16, the parity gate, the manifest and the Triton repository."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -21,7 +22,7 @@ from rmt_deploy.exporters import cli
 from rmt_deploy.exporters.onnx_export import (ATTENTION_OPSET, PORTABLE_OPSET, TABLE_REBUILD_OPS, export_onnx, graph_ops,
                                               write_fp16)
 from rmt_deploy.parity import Tolerance, ValueMismatchError, check_parity, compare
-from rmt_deploy.runners import open_runner
+from rmt_deploy.runners import open_runner, small_attention
 
 
 def trt_supported_ops() -> set[str]:
@@ -259,6 +260,32 @@ def test_rmt_t_static_export_matches_eager(tmp_path, opset):
         assert not set(ops) - trt_supported_ops()
     report = eager_vs_onnx(model, path, [(1, 3, 224, 224)], Tolerance())
     report.raise_for_failure()
+    if opset == ATTENTION_OPSET and importlib.util.find_spec("openvino"):
+        # OpenVINO with its rewrites: stage 1's four row/column passes on the small-head kernel where it builds
+        report = eager_vs_onnx(model, path, [(1, 3, 224, 224)], Tolerance(), backend="openvino")
+        report.raise_for_failure()
+        with open_runner("openvino", onnx=path) as runner:
+            used = runner.metadata().extra["small_head_attention"]
+        assert used == (small_attention.kernel_unavailable_reason() or "4")
+
+
+def test_small_head_attention_kernel_matches_numpy():
+    reason = small_attention.kernel_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    rng = np.random.default_rng(0)
+    for batch, seq, heads, dim, mask_heads in [(3, 7, 2, 16, 2), (2, 17, 3, 32, 1), (5, 56, 4, 16, 4),
+                                               (1, 64, 2, 64, 2), (2, 33, 5, 48, 5)]:
+        q, k, v = (rng.standard_normal((batch, seq, heads * dim), dtype=np.float32) for _ in range(3))
+        mask = rng.standard_normal((mask_heads, seq, seq)).astype(np.float32)
+        out = small_attention.attention(q, k, v, mask, heads, scale=0.3)
+        qh, kh, vh = (t.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3).astype(np.float64) for t in (q, k, v))
+        scores = 0.3 * qh @ kh.transpose(0, 1, 3, 2) + mask
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        expected = (weights / weights.sum(-1, keepdims=True) @ vh).transpose(0, 2, 1, 3).reshape(q.shape)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="head dim 8"):
+        small_attention.attention(q[..., :8 * heads], k[..., :8 * heads], v[..., :8 * heads], mask, heads)
 
 
 def test_compare_raises_specific_errors():

@@ -5,12 +5,14 @@ JIT kernels, so on Intel (AVX-512) CPUs it is often the fastest CPU backend. Two
 numbers honest: float32 files run with float32 inference precision (on AMX/AVX-512-BF16 CPUs the
 plugin would otherwise silently compute in bfloat16), and the latency hint (one stream using
 every core), which is what one call at a time (the benchmark, the server's batcher) measures.
-Before compiling, two output-preserving rewrites: the NaN guards the ONNX reader adds after attention
-are dropped where a finite mask makes them the identity (`drop_attention_nan_guards`), and the rotary
-shifts take the form the plugin fuses into RoPE kernels (`rotary_as_rope`).
+Before compiling, three output-preserving rewrites: the NaN guards the ONNX reader adds after
+attention are dropped where a finite mask makes them the identity (`drop_attention_nan_guards`), the
+rotary shifts take the form the plugin fuses into RoPE kernels (`rotary_as_rope`), and attention over
+short rows and columns runs on `small_attention`'s kernel where it builds (`use_small_head_attention`).
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import small_attention
 from .base import Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
 
 
@@ -132,6 +135,91 @@ def rotary_as_rope(model) -> int:
     return rewritten
 
 
+@functools.lru_cache(maxsize=1)
+def _small_head_attention_op():
+    """The OpenVINO node class that runs `small_attention.attention` (defined on first use: it
+    subclasses ``openvino.Op``, and openvino is imported lazily)."""
+    ov = _import_openvino()
+
+    class SmallHeadAttention(ov.Op):
+        def __init__(self, inputs=None, heads: int = 1, scale: float = 1.0):
+            super().__init__(self, inputs)
+            self.heads, self.scale = heads, scale
+            self.kernel = small_attention.load_kernel()
+            if inputs is not None:
+                self.constructor_validate_and_infer_types()
+
+        def validate_and_infer_types(self):
+            self.set_output_type(0, self.get_input_element_type(0), self.get_input_partial_shape(0))
+
+        def clone_with_new_inputs(self, new_inputs):
+            return SmallHeadAttention(new_inputs, self.heads, self.scale)
+
+        def visit_attributes(self, visitor):
+            visitor.on_attributes({"heads": self.heads, "scale": self.scale})
+            return True
+
+        def has_evaluate(self):
+            return True
+
+        def evaluate(self, outputs, inputs):
+            outputs[0].shape = inputs[0].shape
+            small_attention.attention(*(t.data for t in inputs), self.heads, self.scale, out=outputs[0].data,
+                                      lib=self.kernel)
+            return True
+
+    return SmallHeadAttention
+
+
+def _split_heads_source(value):
+    """The 3-D (batch, seq, heads * dim) tensor behind ``Transpose(Reshape(x), [0, 2, 1, 3])``, or None."""
+    transpose = value.get_node()
+    if transpose.get_type_name() != "Transpose" or _order(transpose) != [0, 2, 1, 3]:
+        return None
+    reshape = transpose.input_value(0).get_node()
+    if reshape.get_type_name() != "Reshape" or len(reshape.input_value(0).get_partial_shape()) != 3:
+        return None
+    return reshape.input_value(0)
+
+
+def _order(transpose) -> list[int] | None:
+    order = _constant_data(transpose.input_value(1))
+    return None if order is None else order.reshape(-1).tolist()
+
+
+def use_small_head_attention(model) -> int:
+    """Replace each attention over short sequences in many (batch, head) pairs (`small_attention.MAX_SEQ`,
+    `small_attention.MIN_PAIRS`) with the small-head kernel, wired straight to the 3-D tensors on either
+    side (the split-heads transposes around it go too); returns how many it replaced. Runs after
+    `drop_attention_nan_guards`: only attention with a finite mask and no guard left is replaced."""
+    op_class = _small_head_attention_op()
+    import openvino.opset13 as ops
+    replaced = 0
+    for node in [op for op in model.get_ordered_ops() if op.get_type_name() == "ScaledDotProductAttention"]:
+        shape = node.get_output_partial_shape(0)
+        if (node.get_input_size() < 4 or node.get_attributes().get("causal") or not shape.is_static
+                or node.get_output_element_type(0).get_type_name() != "f32"):
+            continue
+        batch, heads, seq, dim = (d.get_length() for d in shape)
+        sources = [_split_heads_source(node.input_value(i)) for i in range(3)]
+        mask = _constant_data(node.input_value(3))
+        scale = _constant_data(node.input_value(4)) if node.get_input_size() > 4 else np.float32(dim ** -0.5)
+        merge = _sole_consumer(node, "Transpose")
+        merged = None if merge is None or _order(merge) != [0, 2, 1, 3] else _sole_consumer(merge, "Reshape")
+        if (None in sources or mask is None or scale is None or merged is None
+                or seq > small_attention.MAX_SEQ or batch * heads < small_attention.MIN_PAIRS
+                or dim % 16 or dim > small_attention.MAX_HEAD_DIM
+                or not np.isfinite(mask).all() or mask.size not in (seq * seq, heads * seq * seq)
+                or list(merged.get_output_partial_shape(0).to_shape()) != [batch, seq, heads * dim]):
+            continue
+        kernel = op_class([*sources, ops.constant(mask.astype(np.float32).reshape(-1, seq, seq)).output(0)],
+                          heads=heads, scale=float(scale))
+        for target in merged.output(0).get_target_inputs():
+            target.replace_source_output(kernel.output(0))
+        replaced += 1
+    return replaced
+
+
 def _onnx_metadata(model) -> dict[str, str]:
     """The exporter's ``rmt.*`` metadata: OpenVINO's ONNX reader keeps metadata_props under 'framework'."""
     if not model.has_rt_info(["framework"]):
@@ -158,6 +246,7 @@ class OpenVINORunner(Runner):
         core = ov.Core()
         model = core.read_model(os.fspath(self.path))
         guards, rotaries = drop_attention_nan_guards(model), rotary_as_rope(model)
+        kernel = small_attention.kernel_unavailable_reason() or use_small_head_attention(model)
         input_type = model.inputs[0].get_element_type()
         self.precision = "fp16" if input_type == ov.Type.f16 else "fp32"
         fp16_capable = "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -171,7 +260,8 @@ class OpenVINORunner(Runner):
         self._request = self.compiled.create_infer_request()
         self._versions = {"openvino": ov.__version__,
                           "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
-                          "attention_nan_guards_removed": str(guards), "rotaries_as_rope": str(rotaries)}
+                          "attention_nan_guards_removed": str(guards), "rotaries_as_rope": str(rotaries),
+                          "small_head_attention": str(kernel)}
         self._metadata = _onnx_metadata(model)
 
     @staticmethod
