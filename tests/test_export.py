@@ -275,10 +275,11 @@ def test_small_head_attention_kernel_matches_numpy():
         pytest.skip(reason)
     rng = np.random.default_rng(0)
     for batch, seq, heads, dim, mask_heads in [(3, 7, 2, 16, 2), (2, 17, 3, 32, 1), (5, 56, 4, 16, 4),
-                                               (1, 64, 2, 64, 2), (2, 33, 5, 48, 5)]:
+                                               (1, 64, 2, 64, 2), (2, 33, 6, 48, 3)]:
         q, k, v = (rng.standard_normal((batch, seq, heads * dim), dtype=np.float32) for _ in range(3))
-        mask = rng.standard_normal((mask_heads, seq, seq)).astype(np.float32)
-        out = small_attention.attention(q, k, v, mask, heads, scale=0.3)
+        mask = np.tile(rng.standard_normal((mask_heads, seq, seq)).astype(np.float32), (heads // mask_heads, 1, 1))
+        assert small_attention.mask_period(mask).shape[0] == mask_heads
+        out = small_attention.attention(q, k, v, small_attention.mask_period(mask), heads, scale=0.3)
         qh, kh, vh = (t.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3).astype(np.float64) for t in (q, k, v))
         scores = 0.3 * qh @ kh.transpose(0, 1, 3, 2) + mask
         weights = np.exp(scores - scores.max(-1, keepdims=True))

@@ -212,7 +212,8 @@ def use_small_head_attention(model) -> int:
                 or not np.isfinite(mask).all() or mask.size not in (seq * seq, heads * seq * seq)
                 or list(merged.get_output_partial_shape(0).to_shape()) != [batch, seq, heads * dim]):
             continue
-        kernel = op_class([*sources, ops.constant(mask.astype(np.float32).reshape(-1, seq, seq)).output(0)],
+        masks = small_attention.mask_period(mask.astype(np.float32).reshape(-1, seq, seq))
+        kernel = op_class([*sources, ops.constant(masks).output(0)],
                           heads=heads, scale=float(scale))
         for target in merged.output(0).get_target_inputs():
             target.replace_source_output(kernel.output(0))

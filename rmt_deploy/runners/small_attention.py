@@ -79,6 +79,17 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
+def mask_period(mask: np.ndarray) -> np.ndarray:
+    """The shortest run of per-head masks that repeats across the heads: the H pass's (W * heads)
+    masks are the stage's few per-head ones, one copy per column, and reading those few keeps them
+    in cache."""
+    heads = mask.shape[0]
+    for period in range(1, heads):
+        if heads % period == 0 and (mask.reshape(heads // period, period, *mask.shape[1:]) == mask[:period]).all():
+            return mask[:period]
+    return mask
+
+
 def kernel_unavailable_reason() -> str | None:
     return _load()[1]
 
@@ -94,7 +105,8 @@ def load_kernel() -> ctypes.CDLL:
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, heads: int, scale: float = 1.0,
               out: np.ndarray | None = None, lib: ctypes.CDLL | None = None) -> np.ndarray:
     """softmax(q k^T * scale + mask) v per head, on (batch, seq, heads * dim) float32 arrays; ``mask``
-    is (1 or heads, seq, seq). ``lib``: a `load_kernel` result (loaded here if not given)."""
+    is (m, seq, seq) with m dividing heads, head h taking mask h % m. ``lib``: a `load_kernel` result
+    (loaded here if not given)."""
     lib = lib or load_kernel()
     batch, seq, channels = q.shape
     dim = channels // heads
@@ -105,6 +117,6 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, hea
     status = lib.rmt_attention(*(a.ctypes.data for a in arrays), mask.ctypes.data, out.ctypes.data, batch, seq,
                                heads, dim, mask.shape[0], scale)
     if status != 0:
-        raise ValueError(f"small-head attention does not take seq {seq}, head dim {dim} (at most {MAX_SEQ}, "
-                         f"a multiple of 16 up to {MAX_HEAD_DIM})")
+        raise ValueError(f"small-head attention does not take seq {seq}, head dim {dim}, {mask.shape[0]} masks for "
+                         f"{heads} heads (at most {MAX_SEQ}; a multiple of 16 up to {MAX_HEAD_DIM}; a divisor)")
     return out

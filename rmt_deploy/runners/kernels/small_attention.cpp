@@ -2,7 +2,7 @@
 
    q, k, v and out are (batch, seq, heads * dim) float32, the layout of the exported 3-D ONNX
    Attention nodes, so no transposes surround the call; mask is an additive (mask_heads, seq, seq)
-   bias (mask_heads 1 or heads). One task per (batch, head): its keys are transposed into a scratch
+   bias, head h taking mask h % mask_heads (mask_heads divides heads). One task per (batch, head): its keys are transposed into a scratch
    block so scores vectorise over keys, its values gathered contiguous so outputs vectorise over the
    head dimension; two query rows go together for independent FMA chains. Tasks run on oneTBB, the
    thread pool OpenVINO itself runs on: called from inside an inference its idle workers take them
@@ -117,7 +117,7 @@ static void run(const job_t *j, long first, long last) {
             for (int d = 0; d < D; ++d) kt[d * nv * 16 + n] = kb[(size_t)n * C + d];
             for (int d = 0; d < D; d += 16) _mm512_store_ps(vv + n * D + d, _mm512_loadu_ps(vb + (size_t)n * C + d));
         }
-        const float *qb = j->q + base, *mb = j->mask + (size_t)(j->mask_heads == 1 ? 0 : h) * L * L;
+        const float *qb = j->q + base, *mb = j->mask + (size_t)(h % j->mask_heads) * L * L;
         float *ob = j->out + base;
         switch (nv) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
                       CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16) }
@@ -126,7 +126,7 @@ static void run(const job_t *j, long first, long last) {
 
 extern "C" int rmt_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
                              int batch, int seq, int heads, int dim, int mask_heads, float scale) {
-    if (seq < 1 || seq > MAX_SEQ || dim % 16 || dim > MAX_DIM) return -1;
+    if (seq < 1 || seq > MAX_SEQ || dim % 16 || dim > MAX_DIM || mask_heads < 1 || heads % mask_heads) return -1;
     const job_t job{q, k, v, mask, out, seq, heads, dim, mask_heads, scale};
     tbb::parallel_for(tbb::blocked_range<long>(0, (long)batch * heads, 16),
                       [&](const tbb::blocked_range<long> &r) { run(&job, r.begin(), r.end()); });
