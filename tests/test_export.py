@@ -219,7 +219,7 @@ def test_openvino_drops_nan_guards_only_behind_finite_masks(tmp_path):
     """The guard OpenVINO's ONNX reader adds after Attention goes only where no row can be fully
     masked: a finite mask loses it with identical outputs; a -inf row keeps it (zeros, not NaN)."""
     ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
-    from rmt_deploy.runners.openvino import drop_attention_nan_guards
+    from rmt_deploy.runners.openvino_graph import drop_attention_nan_guards
     rng = np.random.default_rng(0)
     feed = {n: rng.standard_normal((1, 3, 8), dtype=np.float32) for n in ("q", "k", "v")}
     finite = rng.standard_normal((1, 2, 3, 3))
