@@ -261,12 +261,13 @@ def test_rmt_t_static_export_matches_eager(tmp_path, opset):
     report = eager_vs_onnx(model, path, [(1, 3, 224, 224)], Tolerance())
     report.raise_for_failure()
     if opset == ATTENTION_OPSET and importlib.util.find_spec("openvino"):
-        # OpenVINO with its rewrites: stage 1's four row/column passes on the small-head kernel where it builds
+        # OpenVINO with its rewrites: all 18 attention nodes (stages 1-2's row/column passes, stages 3-4's
+        # whole-map ones) on the small-head kernel's operation where it builds
         report = eager_vs_onnx(model, path, [(1, 3, 224, 224)], Tolerance(), backend="openvino")
         report.raise_for_failure()
         with open_runner("openvino", onnx=path) as runner:
             used = runner.metadata().extra["small_head_attention"]
-        assert used == (small_attention.kernel_unavailable_reason() or "4")
+        assert used == (small_attention.kernel_unavailable_reason() or "18")
 
 
 def test_small_head_attention_kernel_matches_numpy():
@@ -274,8 +275,10 @@ def test_small_head_attention_kernel_matches_numpy():
     if reason:
         pytest.skip(reason)
     rng = np.random.default_rng(0)
+    # every tail: rows past a block of 4, keys past a 16-vector and past a block of 4 vectors (1-3 left)
     for batch, seq, heads, dim, mask_heads in [(3, 7, 2, 16, 2), (2, 17, 3, 32, 1), (5, 56, 4, 16, 4),
-                                               (1, 64, 2, 64, 2), (2, 33, 6, 48, 3)]:
+                                               (1, 64, 2, 64, 2), (2, 33, 6, 48, 3), (2, 100, 2, 32, 1),
+                                               (1, 150, 3, 16, 3), (1, 196, 4, 32, 4), (1, 256, 1, 16, 1)]:
         q, k, v = (rng.standard_normal((batch, seq, heads * dim), dtype=np.float32) for _ in range(3))
         mask = np.tile(rng.standard_normal((mask_heads, seq, seq)).astype(np.float32), (heads // mask_heads, 1, 1))
         assert small_attention.mask_period(mask).shape[0] == mask_heads
@@ -287,6 +290,9 @@ def test_small_head_attention_kernel_matches_numpy():
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="head dim 8"):
         small_attention.attention(q[..., :8 * heads], k[..., :8 * heads], v[..., :8 * heads], mask, heads)
+    long = rng.standard_normal((1, small_attention.MAX_SEQ + 1, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match=f"seq {small_attention.MAX_SEQ + 1}"):
+        small_attention.attention(long, long, long, np.zeros((1, long.shape[1], long.shape[1]), np.float32), 1)
 
 
 def test_compare_raises_specific_errors():

@@ -69,15 +69,17 @@ class OpenVINORunner(Runner):
         ov = _import_openvino()
         core = ov.Core()
         model = core.read_model(os.fspath(self.path))
-        guards, rotaries = drop_attention_nan_guards(model), rotary_as_rope(model)
-        kernel = small_attention.kernel_unavailable_reason() or use_small_head_attention(model)
         input_type = model.inputs[0].get_element_type()
         self.precision = "fp16" if input_type == ov.Type.f16 else "fp32"
         fp16_capable = "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        config = {"PERFORMANCE_HINT": "LATENCY",
-                  # an FP16 file computes in FP16 where the CPU has FP16 arithmetic (AVX512-FP16, AMX-FP16),
-                  # float32 everywhere else; never bfloat16 behind the user's back
-                  "INFERENCE_PRECISION_HINT": "f16" if self.precision == "fp16" and fp16_capable else "f32"}
+        # an FP16 file computes in FP16 where the CPU has FP16 arithmetic (AVX512-FP16, AMX-FP16),
+        # float32 everywhere else; never bfloat16 behind the user's back
+        compute = "f16" if self.precision == "fp16" and fp16_capable else "f32"
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": compute}
+        guards, rotaries = drop_attention_nan_guards(model), rotary_as_rope(model)
+        kernel = (small_attention.kernel_unavailable_reason()
+                  or (compute != "f32" and "the small-head attention kernel computes in float32 only")
+                  or use_small_head_attention(model))
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
         self.compiled = core.compile_model(model, "CPU", config)

@@ -109,39 +109,13 @@ def rotary_as_rope(model) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _small_head_attention_op():
-    """The OpenVINO node class that runs `small_attention.attention` (defined on first use: it
-    subclasses ``openvino.Op``, and openvino is imported lazily)."""
-    import openvino as ov
-
-    class SmallHeadAttention(ov.Op):
-        def __init__(self, inputs=None, heads: int = 1, scale: float = 1.0):
-            super().__init__(self, inputs)
-            self.heads, self.scale = heads, scale
-            self.kernel = small_attention.load_kernel()
-            if inputs is not None:
-                self.constructor_validate_and_infer_types()
-
-        def validate_and_infer_types(self):
-            self.set_output_type(0, self.get_input_element_type(0), self.get_input_partial_shape(0))
-
-        def clone_with_new_inputs(self, new_inputs):
-            return SmallHeadAttention(new_inputs, self.heads, self.scale)
-
-        def visit_attributes(self, visitor):
-            visitor.on_attributes({"heads": self.heads, "scale": self.scale})
-            return True
-
-        def has_evaluate(self):
-            return True
-
-        def evaluate(self, outputs, inputs):
-            outputs[0].shape = inputs[0].shape
-            small_attention.attention(*(t.data for t in inputs), self.heads, self.scale, out=outputs[0].data,
-                                      lib=self.kernel)
-            return True
-
-    return SmallHeadAttention
+def _small_head_attention_factory():
+    """A node factory that knows the kernel's OpenVINO operation, ``SmallHeadAttention`` (C++, in the
+    kernel's library); kept for the process, so the library stays loaded while its nodes may run."""
+    from openvino.utils.node_factory import NodeFactory
+    factory = NodeFactory()
+    factory.add_extension(small_attention.library_path())
+    return factory
 
 
 def _split_heads_source(value):
@@ -161,11 +135,11 @@ def _order(transpose) -> list[int] | None:
 
 
 def use_small_head_attention(model) -> int:
-    """Replace each attention over short sequences in many (batch, head) pairs (`small_attention.MAX_SEQ`,
-    `small_attention.MIN_PAIRS`) with the small-head kernel, wired straight to the 3-D tensors on either
+    """Replace each attention within the small-head kernel's limits (`small_attention.MAX_SEQ`,
+    `small_attention.MAX_HEAD_DIM`) with the kernel's operation, wired straight to the 3-D tensors on either
     side (the split-heads transposes around it go too); returns how many it replaced. Runs after
     `drop_attention_nan_guards`: only attention with a finite mask and no guard left is replaced."""
-    op_class = _small_head_attention_op()
+    factory = _small_head_attention_factory()
     import openvino.opset13 as ops
     replaced = 0
     for node in _ops(model, "ScaledDotProductAttention"):
@@ -180,14 +154,14 @@ def use_small_head_attention(model) -> int:
         merge = _sole_consumer(node, "Transpose")
         merged = None if merge is None or _order(merge) != [0, 2, 1, 3] else _sole_consumer(merge, "Reshape")
         if (None in sources or mask is None or scale is None or merged is None
-                or seq > small_attention.MAX_SEQ or batch * heads < small_attention.MIN_PAIRS
+                or seq > small_attention.MAX_SEQ
                 or dim % 16 or dim > small_attention.MAX_HEAD_DIM
                 or not np.isfinite(mask).all() or mask.size not in (seq * seq, heads * seq * seq)
                 or list(merged.get_output_partial_shape(0).to_shape()) != [batch, seq, heads * dim]):
             continue
         masks = small_attention.mask_period(mask.astype(np.float32).reshape(-1, seq, seq))
-        kernel = op_class([*sources, ops.constant(masks).output(0)],
-                          heads=heads, scale=float(scale))
+        kernel = factory.create("SmallHeadAttention", [*sources, ops.constant(masks).output(0)],
+                                {"heads": heads, "scale": float(scale)})
         for target in merged.output(0).get_target_inputs():
             target.replace_source_output(kernel.output(0))
         replaced += 1

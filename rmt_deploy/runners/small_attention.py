@@ -1,14 +1,17 @@
 """A CPU attention kernel for RMT's many small heads, used by the OpenVINO runner.
 
-RMT's first stages attend along image rows and columns: sequences of 28-56 tokens, heads 16 or 32
-wide, thousands of (batch, head) pairs per call. OpenVINO's fused attention spends most of its time
-on per-pair overhead there, and it needs the keys transposed by a separate node first (rmt_t batch
-8: ~5.5 ms per 56-long pass). `kernels/small_attention.cpp` reads the exported 3-D (batch, seq,
-heads * dim) tensors directly and runs such a pass in ~3 ms on oneTBB, OpenVINO's own thread pool.
-It is compiled on first use with the machine's C++ compiler for its own CPU (``-march=native``,
-AVX-512F) against the oneTBB headers and library in the openvino package, and cached; where that
-fails (no compiler, no AVX-512, no OpenVINO) `kernel_unavailable_reason` says why and OpenVINO's
-own kernel runs instead. ``RMT_SMALL_ATTENTION=0`` turns it off.
+RMT attends along image rows and columns in its first stages (sequences of 28-56 tokens, thousands
+of (batch, head) pairs per call) and over whole 7x7 or 14x14 maps in its last two, always with heads
+16 or 32 wide. OpenVINO's fused attention spends much of its time on per-pair overhead there and
+needs the split-heads transposes around it. `kernels/small_attention.cpp` reads the exported 3-D
+(batch, seq, heads * dim) tensors directly (rmt_t batch 8, alone: a 56-long pass ~2.6-3.1 ms against
+OpenVINO's ~7, a 196-long one ~1.5 against ~2.5) on oneTBB, OpenVINO's own thread pool. The same
+library is an OpenVINO extension: its ``SmallHeadAttention`` operation runs the kernel inside the
+CPU plugin's graph, with no Python between nodes. It is compiled on first use with the machine's C++
+compiler for its own CPU (``-march=native``, AVX-512F) against the headers and libraries in the
+openvino package, and cached; where that fails (no compiler, no AVX-512, no OpenVINO)
+`kernel_unavailable_reason` says why and OpenVINO's own kernel runs instead.
+``RMT_SMALL_ATTENTION=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -24,11 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-# Where the kernel beats OpenVINO's (rmt_t in the graph): sequences up to 64 tokens in at least 192
-# (batch, head) pairs (stage 1 from batch 1 on, stage 2 at batch 8). Longer sequences (stage 3's 196) or
-# fewer, larger pairs (stage 4 at batch 8: 128 pairs of 49 tokens, 0.8 vs 0.45 ms) run faster in OpenVINO's.
-MAX_SEQ = 64
-MIN_PAIRS = 192
+# The kernel's limits (one (batch, head) pair's keys and scores sit in a per-thread scratch block); inside
+# them it beat OpenVINO's own attention on every rmt_t node at batch 1 and 8 (224x224: 28-196 tokens).
+MAX_SEQ = 256
 MAX_HEAD_DIM = 64       # a multiple of 16 up to this
 _SOURCE = "small_attention.cpp"
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++17"]
@@ -41,8 +42,8 @@ def _cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    """(library, None), or (None, why it is not available); built once per source, flags and CPU."""
+def _build() -> tuple[Path | None, str | None]:
+    """(library, None), or (None, why it is not available); built once per source, flags, OpenVINO and CPU."""
     if os.environ.get("RMT_SMALL_ATTENTION", "1") == "0":
         return None, "turned off by RMT_SMALL_ATTENTION=0"
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -51,32 +52,39 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     try:
         import openvino
     except ImportError:
-        return None, "the small-head attention kernel runs on OpenVINO's oneTBB: OpenVINO is not installed"
+        return None, "the small-head attention kernel is an OpenVINO operation: OpenVINO is not installed"
     openvino_dir = Path(openvino.__file__).parent
-    tbb = sorted((openvino_dir / "libs").glob("libtbb.so*"))
-    if not (openvino_dir / "include" / "tbb").is_dir() or not tbb:
-        return None, f"this OpenVINO ({openvino_dir}) ships no oneTBB headers or library to build against"
+    libs = [next(iter(sorted((openvino_dir / "libs").glob(f"{name}.so*"))), None) for name in ("libopenvino", "libtbb")]
+    if not (openvino_dir / "include" / "openvino").is_dir() or not (openvino_dir / "include" / "tbb").is_dir() \
+            or None in libs:
+        return None, f"this OpenVINO ({openvino_dir}) ships no C++ headers or libraries to build against"
     source = resources.files("rmt_deploy.runners").joinpath("kernels", _SOURCE).read_bytes()
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model_name = next((line for line in cpu.splitlines() if line.startswith("model name")), "")
     command = [compiler, *_FLAGS, f"-I{openvino_dir / 'include'}"]
-    key = hashlib.sha256(source + " ".join([*command, str(tbb[0]), model_name]).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"small_attention-{key}.so"
+    key = hashlib.sha256(source + " ".join([*command, *map(str, libs), openvino.__version__, model_name]).encode())
+    library = _cache_dir() / f"small_attention-{key.hexdigest()[:16]}.so"
     if not library.is_file():
         library.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
             src = Path(tmp) / _SOURCE
             src.write_bytes(source)
             built = Path(tmp) / library.name
-            result = subprocess.run([*command, "-o", str(built), str(src), str(tbb[0]),
-                                     f"-Wl,-rpath,{tbb[0].parent}"], capture_output=True, text=True)
+            result = subprocess.run([*command, "-o", str(built), str(src), *map(str, libs),
+                                     f"-Wl,-rpath,{libs[0].parent}"], capture_output=True, text=True)
             if result.returncode != 0:
                 return None, f"the small-head attention kernel did not build: {result.stderr.strip()[:300]}"
             os.replace(built, library)      # atomic: concurrent first uses never load half a file
-    lib = ctypes.CDLL(str(library))
+    return library, None
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> ctypes.CDLL:
+    """The library, loaded for the whole process: the OpenVINO nodes made from it run its code."""
+    lib = ctypes.CDLL(str(library_path()))
     lib.rmt_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float]
     lib.rmt_attention.restype = ctypes.c_int
-    return lib, None
+    return lib
 
 
 def mask_period(mask: np.ndarray) -> np.ndarray:
@@ -91,23 +99,24 @@ def mask_period(mask: np.ndarray) -> np.ndarray:
 
 
 def kernel_unavailable_reason() -> str | None:
-    return _load()[1]
+    return _build()[1]
 
 
-def load_kernel() -> ctypes.CDLL:
-    """The built kernel library; RuntimeError saying why where it is unavailable."""
-    lib, reason = _load()
-    if lib is None:
+def library_path() -> Path:
+    """The built library (an OpenVINO extension, and the C function `attention` calls); RuntimeError
+    saying why where it is unavailable."""
+    library, reason = _build()
+    if library is None:
         raise RuntimeError(reason)
-    return lib
+    return library
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, heads: int, scale: float = 1.0,
-              out: np.ndarray | None = None, lib: ctypes.CDLL | None = None) -> np.ndarray:
+              out: np.ndarray | None = None) -> np.ndarray:
     """softmax(q k^T * scale + mask) v per head, on (batch, seq, heads * dim) float32 arrays; ``mask``
-    is (m, seq, seq) with m dividing heads, head h taking mask h % m. ``lib``: a `load_kernel` result
-    (loaded here if not given)."""
-    lib = lib or load_kernel()
+    is (m, seq, seq) with m dividing heads, head h taking mask h % m. The OpenVINO runner calls the
+    same code as a graph node (`openvino_graph.use_small_head_attention`)."""
+    lib = _load()
     batch, seq, channels = q.shape
     dim = channels // heads
     arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v)]

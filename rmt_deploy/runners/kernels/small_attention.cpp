@@ -2,14 +2,18 @@
 
    q, k, v and out are (batch, seq, heads * dim) float32, the layout of the exported 3-D ONNX
    Attention nodes, so no transposes surround the call; mask is an additive (mask_heads, seq, seq)
-   bias, head h taking mask h % mask_heads (mask_heads divides heads). One task per (batch, head): its keys are transposed into a scratch
-   block so scores vectorise over keys, its values gathered contiguous so outputs vectorise over the
-   head dimension; two query rows go together for independent FMA chains. Tasks run on oneTBB, the
-   thread pool OpenVINO itself runs on: called from inside an inference its idle workers take them
-   (a second pool would fight them for the cores). Built with -march=native (AVX-512F) against the
-   oneTBB that ships with OpenVINO; the caller falls back to OpenVINO's own kernel where it does not
-   build. */
+   bias, head h taking mask h % mask_heads (mask_heads divides heads). One task per (batch, head):
+   its keys are gathered transposed (and pre-scaled) into a scratch block so scores vectorise over
+   keys; values are read in place, outputs vectorise over the head dimension. Four query rows go
+   together, so each loaded key or value vector feeds four independent FMA chains. Tasks run on
+   oneTBB, the thread pool OpenVINO itself runs on: called from inside an inference its idle
+   workers take them (a second pool would fight them for the cores). Built with -march=native
+   (AVX-512F) against the OpenVINO and oneTBB headers and libraries that ship with OpenVINO; the
+   caller falls back to OpenVINO's own kernel where it does not build. */
 #include <immintrin.h>
+#include <openvino/core/extension.hpp>
+#include <openvino/core/op_extension.hpp>
+#include <openvino/op/op.hpp>
 #include <tbb/parallel_for.h>
 
 #include <cmath>
@@ -17,6 +21,8 @@
 
 #define MAX_SEQ 256
 #define MAX_DIM 64
+#define ROWS 4      /* query rows per block */
+#define CHUNK 4     /* key vectors (of 16) per score block: ROWS * CHUNK accumulators */
 
 struct job_t {
     const float *q, *k, *v, *mask;
@@ -41,86 +47,133 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Rows i and i + 1 together: twice the independent FMA chains of one row (latency-bound otherwise). */
-static inline __attribute__((always_inline)) void head_rows(const job_t *j, const float *qb, const float *kt,
-                                                            const float *vv, const float *mb, float *ob,
-                                                            const int nv) {
-    const int L = j->seq, D = j->dim, C = j->heads * j->dim;
-    const __mmask16 tail = (L % 16) ? (__mmask16)((1u << (L % 16)) - 1) : (__mmask16)0xFFFF;
-    const __m512 neg_inf = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(j->scale);
-    float p[2][MAX_SEQ] __attribute__((aligned(64)));
-    for (int i = 0; i < L; i += 2) {
-        const int rows = i + 1 < L ? 2 : 1;
-        const float *q0 = qb + (size_t)i * C, *q1 = qb + (size_t)(i + rows - 1) * C;
-        const float *m0 = mb + (size_t)i * L, *m1 = mb + (size_t)(i + rows - 1) * L;
-        __m512 s0[16], s1[16];
-        for (int v = 0; v < nv; ++v) {
-            s0[v] = v < nv - 1 ? _mm512_loadu_ps(m0 + 16 * v) : _mm512_mask_loadu_ps(neg_inf, tail, m0 + 16 * v);
-            s1[v] = v < nv - 1 ? _mm512_loadu_ps(m1 + 16 * v) : _mm512_mask_loadu_ps(neg_inf, tail, m1 + 16 * v);
+/* Scores of ROWS query rows against key vectors [c, c + G) (16 keys each), mask added, into p;
+   mx keeps each row's running maximum. */
+template <int G, int D>
+static inline __attribute__((always_inline)) void score_block(const float *const *qr, const float *const *mr,
+                                                              const float *kt, int lp, int c, int L,
+                                                              float (*p)[MAX_SEQ], __m512 *mx) {
+    __m512 s[ROWS][G];
+    for (int g = 0; g < G; ++g) {
+        const int n = 16 * (c + g);
+        const __mmask16 keep = n + 16 <= L ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - n)) - 1);
+        for (int r = 0; r < ROWS; ++r)
+            s[r][g] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), keep, mr[r] + n);
+    }
+    for (int d = 0; d < D; ++d) {
+        __m512 kv[G];
+        for (int g = 0; g < G; ++g) kv[g] = _mm512_load_ps(kt + d * lp + 16 * (c + g));
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512 a = _mm512_set1_ps(qr[r][d]);
+            for (int g = 0; g < G; ++g) s[r][g] = _mm512_fmadd_ps(a, kv[g], s[r][g]);
         }
+    }
+    for (int r = 0; r < ROWS; ++r)
+        for (int g = 0; g < G; ++g) {
+            _mm512_store_ps(p[r] + 16 * (c + g), s[r][g]);
+            mx[r] = _mm512_max_ps(mx[r], s[r][g]);
+        }
+}
+
+/* Output rows = softmax(scores) v for ROWS rows: U interleaved accumulator sets over keys keep
+   enough independent FMA chains in flight when D is small. */
+template <int D>
+static inline __attribute__((always_inline)) void weigh_values(float (*p)[MAX_SEQ], const float *vb, int C, int L,
+                                                               const float *inv, float *const *orow) {
+    constexpr int V = D / 16, U = ROWS * V >= 8 ? 1 : 2;
+    __m512 acc[U][ROWS][V];
+    for (int u = 0; u < U; ++u)
+        for (int r = 0; r < ROWS; ++r)
+            for (int x = 0; x < V; ++x) acc[u][r][x] = _mm512_setzero_ps();
+    int n = 0;
+    for (; n + U <= L; n += U)
+        for (int u = 0; u < U; ++u) {
+            __m512 vn[V];
+            for (int x = 0; x < V; ++x) vn[x] = _mm512_loadu_ps(vb + (size_t)(n + u) * C + 16 * x);
+            for (int r = 0; r < ROWS; ++r) {
+                const __m512 w = _mm512_set1_ps(p[r][n + u]);
+                for (int x = 0; x < V; ++x) acc[u][r][x] = _mm512_fmadd_ps(w, vn[x], acc[u][r][x]);
+            }
+        }
+    for (; n < L; ++n) {
+        __m512 vn[V];
+        for (int x = 0; x < V; ++x) vn[x] = _mm512_loadu_ps(vb + (size_t)n * C + 16 * x);
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512 w = _mm512_set1_ps(p[r][n]);
+            for (int x = 0; x < V; ++x) acc[0][r][x] = _mm512_fmadd_ps(w, vn[x], acc[0][r][x]);
+        }
+    }
+    for (int r = 0; r < ROWS; ++r)
+        for (int x = 0; x < V; ++x) {
+            __m512 a = acc[0][r][x];
+            for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][r][x]);
+            _mm512_storeu_ps(orow[r] + 16 * x, _mm512_mul_ps(a, _mm512_set1_ps(inv[r])));
+        }
+}
+
+template <int D>
+static void head(const job_t *j, const float *qb, const float *kb, const float *vb, const float *mb, float *ob,
+                 float *kt) {
+    const int L = j->seq, C = j->heads * D, nv = (L + 15) / 16, lp = nv * 16;
+    /* keys, transposed and scaled: kt[d][n] = k[n][d] * scale, zero past the last key */
+    const __m512i stride = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(C));
+    const __m512 scale = _mm512_set1_ps(j->scale);
+    for (int c = 0; c < nv; ++c) {
+        const int n = 16 * c;
+        const __mmask16 keep = n + 16 <= L ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - n)) - 1);
         for (int d = 0; d < D; ++d) {
-            const __m512 a = _mm512_mul_ps(_mm512_set1_ps(q0[d]), scale), b = _mm512_mul_ps(_mm512_set1_ps(q1[d]), scale);
-            const float *kd = kt + d * nv * 16;
-            for (int v = 0; v < nv; ++v) {
-                const __m512 kv = _mm512_load_ps(kd + 16 * v);
-                s0[v] = _mm512_fmadd_ps(a, kv, s0[v]);
-                s1[v] = _mm512_fmadd_ps(b, kv, s1[v]);
-            }
+            const __m512 col = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), keep, stride, kb + (size_t)n * C + d, 4);
+            _mm512_store_ps(kt + d * lp + n, _mm512_mul_ps(col, scale));
         }
-        __m512 x0 = s0[0], x1 = s1[0];
-        for (int v = 1; v < nv; ++v) { x0 = _mm512_max_ps(x0, s0[v]); x1 = _mm512_max_ps(x1, s1[v]); }
-        const __m512 mx0 = _mm512_set1_ps(_mm512_reduce_max_ps(x0)), mx1 = _mm512_set1_ps(_mm512_reduce_max_ps(x1));
-        __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-        for (int v = 0; v < nv; ++v) {
-            const __m512 e0 = exp512(_mm512_sub_ps(s0[v], mx0)), e1 = exp512(_mm512_sub_ps(s1[v], mx1));
-            sum0 = _mm512_add_ps(sum0, e0);
-            sum1 = _mm512_add_ps(sum1, e1);
-            _mm512_store_ps(p[0] + 16 * v, e0);
-            _mm512_store_ps(p[1] + 16 * v, e1);
+    }
+    float p[ROWS][MAX_SEQ] __attribute__((aligned(64)));
+    for (int i = 0; i < L; i += ROWS) {
+        const float *qr[ROWS], *mr[ROWS];
+        float *orow[ROWS];
+        for (int r = 0; r < ROWS; ++r) {     /* past the last row: repeat it (same result, same place) */
+            const int row = i + r < L ? i + r : L - 1;
+            qr[r] = qb + (size_t)row * C, mr[r] = mb + (size_t)row * L, orow[r] = ob + (size_t)row * C;
         }
-        const __m512 inv0 = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum0));
-        const __m512 inv1 = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum1));
-        for (int dv = 0; dv < D; dv += 16) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-            int n = 0;
-            for (; n + 2 <= L; n += 2) {
-                const __m512 v0 = _mm512_load_ps(vv + (size_t)n * D + dv), v1 = _mm512_load_ps(vv + (size_t)(n + 1) * D + dv);
-                a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[0][n]), v0, a0);
-                b0 = _mm512_fmadd_ps(_mm512_set1_ps(p[1][n]), v0, b0);
-                a1 = _mm512_fmadd_ps(_mm512_set1_ps(p[0][n + 1]), v1, a1);
-                b1 = _mm512_fmadd_ps(_mm512_set1_ps(p[1][n + 1]), v1, b1);
-            }
-            if (n < L) {
-                const __m512 v0 = _mm512_load_ps(vv + (size_t)n * D + dv);
-                a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[0][n]), v0, a0);
-                b0 = _mm512_fmadd_ps(_mm512_set1_ps(p[1][n]), v0, b0);
-            }
-            _mm512_storeu_ps(ob + (size_t)i * C + dv, _mm512_mul_ps(_mm512_add_ps(a0, a1), inv0));
-            if (rows == 2) _mm512_storeu_ps(ob + (size_t)(i + 1) * C + dv, _mm512_mul_ps(_mm512_add_ps(b0, b1), inv1));
+        __m512 mx[ROWS];
+        for (int r = 0; r < ROWS; ++r) mx[r] = _mm512_set1_ps(-INFINITY);
+        int c = 0;
+        for (; c + CHUNK <= nv; c += CHUNK) score_block<CHUNK, D>(qr, mr, kt, lp, c, L, p, mx);
+        switch (nv - c) {
+            case 1: score_block<1, D>(qr, mr, kt, lp, c, L, p, mx); break;
+            case 2: score_block<2, D>(qr, mr, kt, lp, c, L, p, mx); break;
+            case 3: score_block<3, D>(qr, mr, kt, lp, c, L, p, mx); break;
         }
+        float inv[ROWS];
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
+            __m512 sum = _mm512_setzero_ps();
+            for (int x = 0; x < nv; ++x) {
+                const __m512 e = exp512(_mm512_sub_ps(_mm512_load_ps(p[r] + 16 * x), top));
+                sum = _mm512_add_ps(sum, e);
+                _mm512_store_ps(p[r] + 16 * x, e);
+            }
+            inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+        }
+        weigh_values<D>(p, vb, C, L, inv, orow);
     }
 }
 
-#define CASE(N) case N: head_rows(j, qb, kt, vv, mb, ob, N); break;
-
 static void run(const job_t *j, long first, long last) {
-    const int L = j->seq, D = j->dim, C = j->heads * j->dim, nv = (L + 15) / 16;
     float kt[MAX_DIM * MAX_SEQ] __attribute__((aligned(64)));
-    float vv[MAX_SEQ * MAX_DIM] __attribute__((aligned(64)));
+    const int L = j->seq, D = j->dim, C = j->heads * D;
     for (long t = first; t < last; ++t) {
         const int b = (int)(t / j->heads), h = (int)(t % j->heads);
         const size_t base = (size_t)b * L * C + (size_t)h * D;
-        const float *kb = j->k + base, *vb = j->v + base;
-        for (int d = 0; d < D; ++d)
-            for (int n = L; n < nv * 16; ++n) kt[d * nv * 16 + n] = 0.f;
-        for (int n = 0; n < L; ++n) {
-            for (int d = 0; d < D; ++d) kt[d * nv * 16 + n] = kb[(size_t)n * C + d];
-            for (int d = 0; d < D; d += 16) _mm512_store_ps(vv + n * D + d, _mm512_loadu_ps(vb + (size_t)n * C + d));
-        }
-        const float *qb = j->q + base, *mb = j->mask + (size_t)(h % j->mask_heads) * L * L;
+        const float *mb = j->mask + (size_t)(h % j->mask_heads) * L * L;
+        const float *qb = j->q + base, *kb = j->k + base, *vb = j->v + base;
         float *ob = j->out + base;
-        switch (nv) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-                      CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16) }
+        switch (D) {
+            case 16: head<16>(j, qb, kb, vb, mb, ob, kt); break;
+            case 32: head<32>(j, qb, kb, vb, mb, ob, kt); break;
+            case 48: head<48>(j, qb, kb, vb, mb, ob, kt); break;
+            case 64: head<64>(j, qb, kb, vb, mb, ob, kt); break;
+        }
     }
 }
 
@@ -128,7 +181,56 @@ extern "C" int rmt_attention(const float *q, const float *k, const float *v, con
                              int batch, int seq, int heads, int dim, int mask_heads, float scale) {
     if (seq < 1 || seq > MAX_SEQ || dim % 16 || dim > MAX_DIM || mask_heads < 1 || heads % mask_heads) return -1;
     const job_t job{q, k, v, mask, out, seq, heads, dim, mask_heads, scale};
-    tbb::parallel_for(tbb::blocked_range<long>(0, (long)batch * heads, 16),
+    /* grain 1: the partitioner sizes chunks to the pool (a stage-3 call at batch 1 has only 8 pairs) */
+    tbb::parallel_for(tbb::blocked_range<long>(0, (long)batch * heads, 1),
                       [&](const tbb::blocked_range<long> &r) { run(&job, r.begin(), r.end()); });
     return 0;
 }
+
+/* The kernel as an OpenVINO operation: evaluated in C++ inside the CPU plugin's own graph, with no
+   Python (and no interpreter lock) between the nodes either side of it. Inputs q, k, v
+   (batch, seq, heads * dim) and the (mask_heads, seq, seq) mask; attributes heads and scale. */
+
+class SmallHeadAttention : public ov::op::Op {
+public:
+    OPENVINO_OP("SmallHeadAttention", "rmt_deploy");
+
+    SmallHeadAttention() = default;
+    SmallHeadAttention(const ov::OutputVector &args, int64_t heads, float scale) : Op(args), heads_(heads), scale_(scale) {
+        constructor_validate_and_infer_types();
+    }
+
+    void validate_and_infer_types() override {
+        for (size_t i = 0; i < 4; ++i)
+            NODE_VALIDATION_CHECK(this, get_input_element_type(i) == ov::element::f32, "input ", i, " is not f32");
+        set_output_type(0, get_input_element_type(0), get_input_partial_shape(0));
+    }
+
+    std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector &args) const override {
+        check_new_args_count(this, args);
+        return std::make_shared<SmallHeadAttention>(args, heads_, scale_);
+    }
+
+    bool visit_attributes(ov::AttributeVisitor &visitor) override {
+        visitor.on_attribute("heads", heads_);
+        visitor.on_attribute("scale", scale_);
+        return true;
+    }
+
+    bool has_evaluate() const override { return true; }
+
+    bool evaluate(ov::TensorVector &outputs, const ov::TensorVector &inputs) const override {
+        const ov::Shape shape = inputs[0].get_shape(), mask = inputs[3].get_shape();
+        if (shape.size() != 3 || mask.size() != 3 || shape[2] % heads_) return false;
+        outputs[0].set_shape(shape);
+        return rmt_attention(inputs[0].data<const float>(), inputs[1].data<const float>(), inputs[2].data<const float>(),
+                             inputs[3].data<const float>(), outputs[0].data<float>(), (int)shape[0], (int)shape[1],
+                             (int)heads_, (int)(shape[2] / heads_), (int)mask[0], scale_) == 0;
+    }
+
+private:
+    int64_t heads_ = 1;
+    float scale_ = 1.0f;
+};
+
+OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>({std::make_shared<ov::OpExtension<SmallHeadAttention>>()}));
