@@ -290,9 +290,30 @@ def test_small_head_attention_kernel_matches_numpy():
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="head dim 8"):
         small_attention.attention(q[..., :8 * heads], k[..., :8 * heads], v[..., :8 * heads], mask, heads)
+    with pytest.raises(ValueError, match="must be one"):
+        small_attention.attention(q, k[:, :-1], v[:, :-1], mask, heads)
     long = rng.standard_normal((1, small_attention.MAX_SEQ + 1, 16), dtype=np.float32)
     with pytest.raises(ValueError, match=f"seq {small_attention.MAX_SEQ + 1}"):
         small_attention.attention(long, long, long, np.zeros((1, long.shape[1], long.shape[1]), np.float32), 1)
+
+
+def test_small_head_attention_operation_checks_its_inputs():
+    """The kernel's OpenVINO operation refuses, at graph-build time, inputs it would read out of bounds."""
+    reason = small_attention.kernel_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    import openvino.opset13 as ov_ops
+    from rmt_deploy.runners.openvino_graph import _small_head_attention_factory
+    factory = _small_head_attention_factory()
+    q, short = (ov_ops.parameter(shape, np.float32) for shape in ([2, 20, 64], [2, 19, 64]))
+    mask = ov_ops.constant(np.zeros((2, 20, 20), np.float32))
+    node = factory.create("SmallHeadAttention", [q, q, q, mask], {"heads": 2, "scale": 0.5})
+    assert list(node.get_output_partial_shape(0).to_shape()) == [2, 20, 64]
+    for inputs, heads, match in [([q, short, q, mask], 2, "share one"),
+                                 ([q, q, q, ov_ops.constant(np.zeros((3, 20, 20), np.float32))], 2, "m dividing heads"),
+                                 ([q, q, q, mask], 8, "head dim 8"), ([q, q, q, mask], 0, "positive")]:
+        with pytest.raises(RuntimeError, match=match):
+            factory.create("SmallHeadAttention", inputs, {"heads": heads, "scale": 0.5})
 
 
 def test_compare_raises_specific_errors():

@@ -7,8 +7,9 @@ plugin would otherwise silently compute in bfloat16), and the latency hint (one 
 every core), which is what one call at a time (the benchmark, the server's batcher) measures.
 Before compiling, three output-preserving rewrites (`openvino_graph`): the NaN guards the ONNX reader adds after
 attention are dropped where a finite mask makes them the identity (`drop_attention_nan_guards`), the
-rotary shifts take the form the plugin fuses into RoPE kernels (`rotary_as_rope`), and attention over
-short rows and columns runs on `small_attention`'s kernel where it builds (`use_small_head_attention`).
+rotary shifts take the form the plugin fuses into RoPE kernels (`rotary_as_rope`), and float32 attention
+within `small_attention`'s limits (every RMT one at 224 px) runs on its kernel, a C++ extension
+operation, where it builds (`use_small_head_attention`).
 """
 from __future__ import annotations
 
@@ -52,6 +53,18 @@ def _onnx_metadata(model) -> dict[str, str]:
     return {key: props[key].astype(str) for key in props.keys()}
 
 
+def _small_head_attention(model, compute: str) -> str:
+    """How many attention nodes now run on the small-head kernel, or why none do."""
+    if reason := small_attention.kernel_unavailable_reason():
+        return reason
+    if compute != "f32":
+        return "the small-head attention kernel computes in float32 only"
+    try:
+        return str(use_small_head_attention(model))
+    except RuntimeError as exc:     # this OpenVINO would not load the built extension: its own attention runs
+        return f"the small-head attention extension did not load: {str(exc).strip()[:300]}"
+
+
 class OpenVINORunner(Runner):
     backend = "openvino"
 
@@ -77,9 +90,7 @@ class OpenVINORunner(Runner):
         compute = "f16" if self.precision == "fp16" and fp16_capable else "f32"
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": compute}
         guards, rotaries = drop_attention_nan_guards(model), rotary_as_rope(model)
-        kernel = (small_attention.kernel_unavailable_reason()
-                  or (compute != "f32" and "the small-head attention kernel computes in float32 only")
-                  or use_small_head_attention(model))
+        kernel = _small_head_attention(model, compute)
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
         self.compiled = core.compile_model(model, "CPU", config)

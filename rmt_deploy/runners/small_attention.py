@@ -32,7 +32,8 @@ import numpy as np
 MAX_SEQ = 256
 MAX_HEAD_DIM = 64       # a multiple of 16 up to this
 _SOURCE = "small_attention.cpp"
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++17"]
+# -z nodelete: never unmapped once loaded, so the OpenVINO nodes made from it (which do not hold it) stay valid
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-Wl,-z,nodelete"]
 
 
 def _cache_dir() -> Path:
@@ -80,7 +81,7 @@ def _build() -> tuple[Path | None, str | None]:
 
 @functools.lru_cache(maxsize=1)
 def _load() -> ctypes.CDLL:
-    """The library, loaded for the whole process: the OpenVINO nodes made from it run its code."""
+    """The library's C entry point, for `attention`."""
     lib = ctypes.CDLL(str(library_path()))
     lib.rmt_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float]
     lib.rmt_attention.restype = ctypes.c_int
@@ -118,11 +119,16 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, hea
     same code as a graph node (`openvino_graph.use_small_head_attention`)."""
     lib = _load()
     batch, seq, channels = q.shape
+    if k.shape != q.shape or v.shape != q.shape or channels % heads or mask.shape[-2:] != (seq, seq):
+        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must be one (batch, seq, heads * dim) shape, with "
+                         f"{heads} heads dividing its last dim, and mask {mask.shape} (m, seq, seq)")
     dim = channels // heads
     arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v)]
     mask = np.ascontiguousarray(mask, dtype=np.float32).reshape(-1, seq, seq)
     if out is None:
         out = np.empty_like(arrays[0])
+    elif out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous float32 array of shape {q.shape}")
     status = lib.rmt_attention(*(a.ctypes.data for a in arrays), mask.ctypes.data, out.ctypes.data, batch, seq,
                                heads, dim, mask.shape[0], scale)
     if status != 0:

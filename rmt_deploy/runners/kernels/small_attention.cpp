@@ -177,9 +177,11 @@ static void run(const job_t *j, long first, long last) {
     }
 }
 
+static bool limits_ok(int seq, int dim) { return seq >= 1 && seq <= MAX_SEQ && dim >= 16 && dim % 16 == 0 && dim <= MAX_DIM; }
+
 extern "C" int rmt_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
                              int batch, int seq, int heads, int dim, int mask_heads, float scale) {
-    if (seq < 1 || seq > MAX_SEQ || dim % 16 || dim > MAX_DIM || mask_heads < 1 || heads % mask_heads) return -1;
+    if (!limits_ok(seq, dim) || mask_heads < 1 || heads % mask_heads) return -1;
     const job_t job{q, k, v, mask, out, seq, heads, dim, mask_heads, scale};
     /* grain 1: the partitioner sizes chunks to the pool (a stage-3 call at batch 1 has only 8 pairs) */
     tbb::parallel_for(tbb::blocked_range<long>(0, (long)batch * heads, 1),
@@ -201,9 +203,21 @@ public:
     }
 
     void validate_and_infer_types() override {
+        NODE_VALIDATION_CHECK(this, get_input_size() == 4, "takes q, k, v and mask, got ", get_input_size(), " inputs");
+        NODE_VALIDATION_CHECK(this, heads_ > 0, "heads must be positive, got ", heads_);
         for (size_t i = 0; i < 4; ++i)
             NODE_VALIDATION_CHECK(this, get_input_element_type(i) == ov::element::f32, "input ", i, " is not f32");
-        set_output_type(0, get_input_element_type(0), get_input_partial_shape(0));
+        const ov::PartialShape &q = get_input_partial_shape(0), &mask = get_input_partial_shape(3);
+        if (q.is_static() && mask.is_static()) {
+            const ov::Shape qs = q.to_shape(), ms = mask.to_shape();
+            NODE_VALIDATION_CHECK(this, qs.size() == 3 && get_input_partial_shape(1) == q && get_input_partial_shape(2) == q,
+                                  "q, k and v must share one (batch, seq, heads * dim) shape");
+            NODE_VALIDATION_CHECK(this, ms.size() == 3 && ms[1] == qs[1] && ms[2] == qs[1] && ms[0] > 0 && heads_ % ms[0] == 0,
+                                  "mask must be (m, seq, seq) with m dividing heads");
+            NODE_VALIDATION_CHECK(this, qs[2] % heads_ == 0 && limits_ok((int)qs[1], (int)(qs[2] / heads_)),
+                                  "seq ", qs[1], ", head dim ", qs[2] / heads_, " are outside the kernel's limits");
+        }
+        set_output_type(0, get_input_element_type(0), q);
     }
 
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector &args) const override {
@@ -221,7 +235,10 @@ public:
 
     bool evaluate(ov::TensorVector &outputs, const ov::TensorVector &inputs) const override {
         const ov::Shape shape = inputs[0].get_shape(), mask = inputs[3].get_shape();
-        if (shape.size() != 3 || mask.size() != 3 || shape[2] % heads_) return false;
+        OPENVINO_ASSERT(shape.size() == 3 && mask.size() == 3 && shape[2] % heads_ == 0 && inputs[1].get_shape() == shape
+                            && inputs[2].get_shape() == shape && mask[1] == shape[1] && mask[2] == shape[1],
+                        "SmallHeadAttention: q ", shape, ", k ", inputs[1].get_shape(), ", v ", inputs[2].get_shape(),
+                        ", mask ", mask, " do not fit together");
         outputs[0].set_shape(shape);
         return rmt_attention(inputs[0].data<const float>(), inputs[1].data<const float>(), inputs[2].data<const float>(),
                              inputs[3].data<const float>(), outputs[0].data<float>(), (int)shape[0], (int)shape[1],
