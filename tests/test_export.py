@@ -215,6 +215,22 @@ def _attention_file(path: Path, mask: np.ndarray) -> Path:
     return path
 
 
+def test_openvino_runs_its_own_attention_where_the_kernel_is_off(tiny_static, monkeypatch):
+    """RMT_SMALL_ATTENTION=0, as on a machine where the kernel does not build: OpenVINO's own attention
+    runs, the runner's metadata says why, and the outputs still match eager."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
+    model, path = tiny_static
+    monkeypatch.setenv("RMT_SMALL_ATTENTION", "0")
+    small_attention._build.cache_clear()
+    try:
+        eager_vs_onnx(model, path, [(1, 3, 64, 96)], Tolerance(), backend="openvino").raise_for_failure()
+        with open_runner("openvino", onnx=path) as runner:
+            assert runner.metadata().extra["small_head_attention"] == "turned off by RMT_SMALL_ATTENTION=0"
+    finally:
+        monkeypatch.undo()
+        small_attention._build.cache_clear()
+
+
 def test_openvino_drops_nan_guards_only_behind_finite_masks(tmp_path):
     """The guard OpenVINO's ONNX reader adds after Attention goes only where no row can be fully
     masked: a finite mask loses it with identical outputs; a -inf row keeps it (zeros, not NaN)."""
