@@ -308,8 +308,9 @@ def test_small_head_attention_kernel_matches_numpy():
         small_attention.attention(q[..., :8 * heads], k[..., :8 * heads], v[..., :8 * heads], mask, heads)
     with pytest.raises(ValueError, match="must be one"):
         small_attention.attention(q, k[:, :-1], v[:, :-1], mask, heads)
-    long = rng.standard_normal((1, small_attention.MAX_SEQ + 1, 16), dtype=np.float32)
-    with pytest.raises(ValueError, match=f"seq {small_attention.MAX_SEQ + 1}"):
+    assert small_attention.fits(256, 64) and not small_attention.fits(257, 16) and not small_attention.fits(56, 8)
+    long = rng.standard_normal((1, 257, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match="seq 257"):
         small_attention.attention(long, long, long, np.zeros((1, long.shape[1], long.shape[1]), np.float32), 1)
 
 

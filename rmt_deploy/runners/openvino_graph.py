@@ -135,10 +135,10 @@ def _order(transpose) -> list[int] | None:
 
 
 def use_small_head_attention(model) -> int:
-    """Replace each attention within the small-head kernel's limits (`small_attention.MAX_SEQ`,
-    `small_attention.MAX_HEAD_DIM`) with the kernel's operation, wired straight to the 3-D tensors on either
-    side (the split-heads transposes around it go too); returns how many it replaced. Runs after
-    `drop_attention_nan_guards`: only attention with a finite mask and no guard left is replaced."""
+    """Replace each attention within the small-head kernel's limits (`small_attention.fits`) with the
+    kernel's operation, wired straight to the 3-D tensors on either side (the split-heads transposes
+    around it go too); returns how many it replaced. Runs after `drop_attention_nan_guards`: only
+    attention with a finite mask and no guard left is replaced."""
     factory = _small_head_attention_factory()
     import openvino.opset13 as ops
     replaced = 0
@@ -154,8 +154,7 @@ def use_small_head_attention(model) -> int:
         merge = _sole_consumer(node, "Transpose")
         merged = None if merge is None or _order(merge) != [0, 2, 1, 3] else _sole_consumer(merge, "Reshape")
         if (None in sources or mask is None or scale is None or merged is None
-                or seq > small_attention.MAX_SEQ
-                or dim % 16 or dim > small_attention.MAX_HEAD_DIM
+                or not small_attention.fits(seq, dim)
                 or not np.isfinite(mask).all() or mask.size not in (seq * seq, heads * seq * seq)
                 or list(merged.get_output_partial_shape(0).to_shape()) != [batch, seq, heads * dim]):
             continue

@@ -27,10 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-# The kernel's limits (one (batch, head) pair's keys and scores sit in a per-thread scratch block); inside
-# them it beat OpenVINO's own attention on every rmt_t node at batch 1 and 8 (224x224: 28-196 tokens).
-MAX_SEQ = 256
-MAX_HEAD_DIM = 64       # a multiple of 16 up to this
 _SOURCE = "small_attention.cpp"
 # -z nodelete: never unmapped once loaded, so the OpenVINO nodes made from it (which do not hold it) stay valid
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-Wl,-z,nodelete"]
@@ -85,7 +81,16 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library_path()))
     lib.rmt_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float]
     lib.rmt_attention.restype = ctypes.c_int
+    lib.rmt_attention_fits.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.rmt_attention_fits.restype = ctypes.c_int
     return lib
+
+
+def fits(seq: int, head_dim: int) -> bool:
+    """Whether the kernel takes this sequence length and head width (up to 256 tokens, heads a multiple
+    of 16 up to 64: one (batch, head) pair's keys and scores sit in a per-thread scratch block). Inside
+    those limits it beat OpenVINO's own attention on every rmt_t node at batch 1 and 8 (28-196 tokens)."""
+    return bool(_load().rmt_attention_fits(seq, head_dim))
 
 
 def mask_period(mask: np.ndarray) -> np.ndarray:
@@ -133,5 +138,5 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, hea
                                heads, dim, mask.shape[0], scale)
     if status != 0:
         raise ValueError(f"small-head attention does not take seq {seq}, head dim {dim}, {mask.shape[0]} masks for "
-                         f"{heads} heads (at most {MAX_SEQ}; a multiple of 16 up to {MAX_HEAD_DIM}; a divisor)")
+                         f"{heads} heads (see `fits`; the mask count must divide the heads)")
     return out

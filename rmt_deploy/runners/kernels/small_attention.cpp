@@ -177,11 +177,14 @@ static void run(const job_t *j, long first, long last) {
     }
 }
 
-static bool limits_ok(int seq, int dim) { return seq >= 1 && seq <= MAX_SEQ && dim >= 16 && dim % 16 == 0 && dim <= MAX_DIM; }
+/* The kernel's limits, the one place they are stated (the Python side asks through this). */
+extern "C" int rmt_attention_fits(int seq, int dim) {
+    return seq >= 1 && seq <= MAX_SEQ && dim >= 16 && dim % 16 == 0 && dim <= MAX_DIM;
+}
 
 extern "C" int rmt_attention(const float *q, const float *k, const float *v, const float *mask, float *out,
                              int batch, int seq, int heads, int dim, int mask_heads, float scale) {
-    if (!limits_ok(seq, dim) || mask_heads < 1 || heads % mask_heads) return -1;
+    if (!rmt_attention_fits(seq, dim) || mask_heads < 1 || heads % mask_heads) return -1;
     const job_t job{q, k, v, mask, out, seq, heads, dim, mask_heads, scale};
     /* grain 1: the partitioner sizes chunks to the pool (a stage-3 call at batch 1 has only 8 pairs) */
     tbb::parallel_for(tbb::blocked_range<long>(0, (long)batch * heads, 1),
@@ -214,7 +217,7 @@ public:
                                   "q, k and v must share one (batch, seq, heads * dim) shape");
             NODE_VALIDATION_CHECK(this, ms.size() == 3 && ms[1] == qs[1] && ms[2] == qs[1] && ms[0] > 0 && heads_ % ms[0] == 0,
                                   "mask must be (m, seq, seq) with m dividing heads");
-            NODE_VALIDATION_CHECK(this, qs[2] % heads_ == 0 && limits_ok((int)qs[1], (int)(qs[2] / heads_)),
+            NODE_VALIDATION_CHECK(this, qs[2] % heads_ == 0 && rmt_attention_fits((int)qs[1], (int)(qs[2] / heads_)),
                                   "seq ", qs[1], ", head dim ", qs[2] / heads_, " are outside the kernel's limits");
         }
         set_output_type(0, get_input_element_type(0), q);
