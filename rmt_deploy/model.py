@@ -93,8 +93,8 @@ def _norm_channels(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
     It normalises (B, HW, C), reached by one 3-D transpose: OpenVINO runs that norm as one MVN
     kernel (a 4-D one it decomposes) and reads the transpose straight from a convolution's
-    channels-last output, where a 4-D permute cost it a transpose plus a reorder (rmt_t batch 8
-    ~4 % slower)."""
+    channels-last output, where a 4-D permute costs it a transpose plus a reorder (figures:
+    docs/benchmarks.md)."""
     b, c, h, w = x.shape
     return norm(x.reshape(b, c, h * w).transpose(1, 2)).reshape(b, h, w, c)
 
@@ -239,8 +239,8 @@ class ManhattanSelfAttention(nn.Module):
         """Eager path, and the export form at opset 23+ (``attention_op``): attention runs as
         `heads_attention` calls on (batch, sequence, heads * d) views of the (B, H, W, C) tensors, so
         there are no head-major copies and no materialised logits; outputs are contiguous (B, H, W, C).
-        Exported, each call is one ONNX ``Attention`` node that splits the heads itself (rmt_t batch 8
-        in ONNX Runtime ~10 % faster than 4-D heads behind Transpose nodes). The H pass needs the
+        Exported, each call is one ONNX ``Attention`` node that splits the heads itself (no Transpose
+        nodes around it to split or merge heads). The H pass needs the
         per-column mask ``tables[4]``; without it (grids over `_MAX_MASK_ELEMENTS`, dynamic sizes) it
         runs one head at a time (eager) or as 4-D heads behind one permute each (export form)."""
         b, h, w, c = v.shape
@@ -273,7 +273,7 @@ class ManhattanSelfAttention(nn.Module):
 
         Every layout change moves a single axis (keys are transposed by moving the sequence axis
         last), which runtimes do as block copies; compound permutations that also move the head
-        dimension cost ~8x more in ONNX Runtime."""
+        dimension cost far more in ONNX Runtime."""
         b, h, w, c = v.shape
         n, d = self.num_heads, self.head_dim
         q, k, v = q.reshape(b, h, w, n, d), k.reshape(b, h, w, n, d), v.reshape(b, h, w, n, d)
@@ -306,7 +306,7 @@ class FeedForward(nn.Module):
     def forward_graph(self, x: torch.Tensor) -> torch.Tensor:
         """Traced form on NCHW: fc1 and fc2 as 1x1 convolutions around the depth-wise one, so runtimes
         with blocked conv layouts (ONNX Runtime's NCHWc, OpenVINO's) never change layouts inside the
-        FFN (rmt_t: the FFNs ~25-40 % faster in ONNX Runtime than as token GEMMs)."""
+        FFN (token GEMMs would need a reorder to and from the blocked layout around each)."""
         return _conv1x1(self.fc2, self.dwconv.conv(F.gelu(_conv1x1(self.fc1, x))))
 
 
@@ -473,7 +473,7 @@ class Stage(nn.Module):
         if _is_tracing():
             # graphs carry the residual stream in NCHW: every conv and residual add then works in
             # the runtime's conv layout, and only the norms and the attention see tokens (OpenVINO
-            # otherwise transposes and reorders around each conv: rmt_t ~15 % slower there)
+            # otherwise transposes and reorders around each conv)
             x = x.permute(0, 3, 1, 2)
             for block in self.blocks:
                 x = block.forward_graph(x, tables)

@@ -14,9 +14,14 @@ stamp=".venv/.rmt-deploy-installed"
 want="$(cat pyproject.toml scripts/setup_venv.sh | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "== installing rmt-deploy into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
+  # -q -q: pip prints errors only (and a failing build's full output), so the set-up does not bury
+  # the real output of main.sh; RMT_PIP_VERBOSE=1 shows pip's progress and warnings again.
+  quiet=(-q -q)
+  if [ -n "${RMT_PIP_VERBOSE:-}" ]; then quiet=(); fi
+  pip=(.venv/bin/python -m pip install "${quiet[@]}")
+  "${pip[@]}" --upgrade pip
   # Pinned CPU torch first: a plain 'torch' requirement would pull gigabytes of CUDA wheels.
-  .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-  .venv/bin/python -m pip install -q -e ".[test]"
+  "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+  "${pip[@]}" -e ".[test]"
   echo "$want" > "$stamp"
 fi

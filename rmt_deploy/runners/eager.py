@@ -21,8 +21,8 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the OS (process-wide).
 
     At batch 8, RMT's stage-1 activations are 6-20 MB each; glibc serves such blocks with mmap and
-    unmaps them on free, so every forward page-faults ~80 MB of fresh zeroed pages (~20k faults,
-    several % of CPU time). With mmap off and trimming only above 1 GiB they are reused, at the cost
+    unmaps them on free, so every forward page-faults tens of MB of fresh zeroed pages (time spent
+    in the OS, not the model). With mmap off and trimming only above 1 GiB they are reused, at the cost
     of the process keeping its peak heap. Returns False where glibc is not the allocator.
     Opt out with ``RMT_KEEP_FREED_MEMORY=0``.
     """
@@ -68,10 +68,9 @@ class EagerRunner(Runner):
         if not self.device.startswith("cuda"):
             keep_freed_memory()
         if self.compile:
-            # CUDA graphs ("reduce-overhead"): the compiled RMT launches ~1k small kernels per forward
-            # and is launch-bound without (H100, rmt_s batch 64 fp16, the forward alone: 25.6 ms per
-            # batch compiled, 11.3 ms with it captured in one CUDA graph). Outputs are copied to the
-            # host before the next call, so the graph's reused output buffers are safe.
+            # CUDA graphs ("reduce-overhead"): the compiled RMT launches many small kernels per forward
+            # and is launch-bound without them, even at batch 64 (figures: docs/benchmarks.md). Outputs
+            # are copied to the host before the next call, so the graph's reused output buffers are safe.
             self._fn = torch.compile(self.model, dynamic=None if self.dynamic_batch else False,
                                      mode="reduce-overhead" if self.cuda_graphs else None)
         else:

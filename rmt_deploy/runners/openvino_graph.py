@@ -32,7 +32,7 @@ def drop_attention_nan_guards(model) -> int:
     The guard exists for rows whose every score is masked to -inf (softmax of them is NaN); a
     finite mask cannot produce one, so for finite inputs the guard is the identity. It is not free:
     two extra passes over every attention output, and it keeps the plugin from folding the output
-    transpose into its attention kernel (rmt_t batch 8: ~4 ms of ~180). Returns how many it removed.
+    transpose into its attention kernel. Returns how many it removed.
     """
     removed = 0
     for select in _ops(model, "Select"):
@@ -67,9 +67,9 @@ def rotary_as_rope(model) -> int:
 
     The exported form is ``x * cos + Gather(x, [1, 0], axis=-2) * sin`` on (B, H, W, heads, 2, d/2)
     with the sign in the sin table: one Gather, which ONNX Runtime runs faster than slices and a
-    concat (rmt_t batch 8: the rotate-half form was ~5 % slower there). OpenVINO runs it as a Gather
+    concat (so the file keeps it for ONNX Runtime). OpenVINO runs it as a Gather
     plus an eltwise kernel per tensor; as ``x * cos + concat(-x2, x1) * sin`` over (B, HW, heads, d)
-    with (1, HW, 1, d) tables it fuses each into one kernel (rmt_t batch 8 ~2 % faster). Only static
+    with (1, HW, 1, d) tables it fuses each into one kernel. Only static
     shapes with tables shared by every head are rewritten; the outputs are unchanged.
     """
     import openvino.opset13 as ops

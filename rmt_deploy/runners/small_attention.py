@@ -4,8 +4,8 @@ RMT attends along image rows and columns in its first stages (sequences of 28-56
 of (batch, head) pairs per call) and over whole 7x7 or 14x14 maps in its last two, always with heads
 16 or 32 wide. OpenVINO's fused attention spends much of its time on per-pair overhead there and
 needs the split-heads transposes around it. `kernels/small_attention.cpp` reads the exported 3-D
-(batch, seq, heads * dim) tensors directly (rmt_t batch 8, alone: a 56-long pass ~2.6-3.1 ms against
-OpenVINO's ~7, a 196-long one ~1.5 against ~2.5) on oneTBB, OpenVINO's own thread pool. The same
+(batch, seq, heads * dim) tensors directly, with little work per (batch, head) pair, on oneTBB,
+OpenVINO's own thread pool (figures: docs/benchmarks.md). The same
 library is an OpenVINO extension: its ``SmallHeadAttention`` operation runs the kernel inside the
 CPU plugin's graph, with no Python between nodes. It is compiled on first use with the machine's C++
 compiler for its own CPU (``-march=native``, AVX-512F) against the headers and libraries in the
