@@ -89,10 +89,9 @@ async def model_metadata(model_name: str, request: Request, state: ServerStateDe
                          outputs=outputs)
 
 
-@router.get("/models/{model_name}/ready", response_class=PlainTextResponse,
-            responses={200: {"description": "ready"}, **error_responses(404, 503)})
-@router.get("/models/{model_name}/versions/{model_version}/ready", response_class=PlainTextResponse,
-            include_in_schema=False)
+@router.get("/models/{model_name}/ready", responses={200: {"description": "ready", "content": {
+    "text/plain": {"schema": {"type": "string"}}}}, **error_responses(404, 503)})
+@router.get("/models/{model_name}/versions/{model_version}/ready", include_in_schema=False)
 async def model_ready(model_name: str, request: Request, state: ServerStateDep) -> PlainTextResponse:
     _model(state, request)
     return PlainTextResponse("")

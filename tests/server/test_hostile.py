@@ -377,3 +377,34 @@ def test_empty_api_key_is_refused_at_start(model_config, tiny_checkpoint):
                             env={**os.environ, "RMT_API_KEY": ""}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "RMT_API_KEY is set but empty" in result.stderr
+
+
+def test_schemathesis_finds_no_server_error_and_no_response_off_the_schema(server):
+    """Schema-driven fuzzing of every operation (the v2 ones included) with the token set: no 5xx, and
+    every status, content type, header and body is one the published OpenAPI schema allows."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import (content_type_conformance, not_a_server_error, response_headers_conformance,
+                                     response_schema_conformance, status_code_conformance)
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+              response_schema_conformance]
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    failures, operations = [], []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        operations.append(f"{operation.method.upper()} {operation.path}")
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def fuzz(case):
+            response = case.call(base_url=server.url, headers=AUTH, timeout=30)
+            try:
+                case.validate_response(response, checks=checks, headers=AUTH)
+            except Exception as exc:       # noqa: BLE001 -- schemathesis' FailureGroup lists every failed check
+                failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {exc}"[:600])
+
+        fuzz()
+    assert {f"POST {INFER.replace(MODEL, '{model_name}')}", "GET /v2/models/{model_name}/ready"} <= set(operations)
+    assert not failures, failures
+    assert_ready_and_serving(server)
