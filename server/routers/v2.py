@@ -98,8 +98,9 @@ async def model_ready(model_name: str, request: Request, state: ServerStateDep) 
 
 
 def _header_length(value: str, body_size: int) -> int:
-    """The JSON header's length: ASCII digits only (``"²".isdigit()`` is true), within the body."""
-    if not (value.isascii() and value.isdigit()) or int(value) > body_size:
+    """The JSON header's length: ASCII digits only (``"²".isdigit()`` is true, and int() refuses
+    strings of over 4300 digits), within the body."""
+    if not (value.isascii() and value.isdigit() and len(value) <= 18) or int(value) > body_size:
         raise ApiError(400, f"{HEADER_LENGTH} {value!r} is not a byte count within the body of {body_size} bytes")
     return int(value)
 

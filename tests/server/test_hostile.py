@@ -207,6 +207,7 @@ HOSTILE = {   # name: (method, path, request keyword arguments, status, words in
     "header_length_superscript_two": ("POST", INFER, v2_binary(nan_image(), "²".encode("latin-1")), 400, HEADER_LENGTH),
     "header_length_arabic_digits": ("POST", INFER, v2_binary(nan_image(), "١٢".encode()), 400, HEADER_LENGTH),
     "header_length_signed": ("POST", INFER, v2_binary(nan_image(), b"+12"), 400, HEADER_LENGTH),
+    "header_length_5000_digits": ("POST", INFER, v2_binary(nan_image(), b"9" * 5000), 400, HEADER_LENGTH),
     "unknown_version": ("POST", f"/v2/models/{MODEL}/versions/999/infer", v2_binary(np.zeros((1, 3, SIZE, SIZE))),
                         404, "no version '999'"),
     "unknown_version_metadata": ("GET", f"/v2/models/{MODEL}/versions/2", {}, 404, "no version '2'"),
