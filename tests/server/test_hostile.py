@@ -409,3 +409,34 @@ def test_schemathesis_finds_no_server_error_and_no_response_off_the_schema(serve
     assert {f"POST {INFER.replace(MODEL, '{model_name}')}", "GET /v2/models/{model_name}/ready"} <= set(operations)
     assert not failures, failures
     assert_ready_and_serving(server)
+
+
+def test_a_client_gone_while_queued_leaves_no_work_behind(slow_server):
+    """A request whose client hangs up while its image waits for the runner is withdrawn: only the
+    request that was already running is inferred, and the hang-up is counted as 499, not 500."""
+    x = np.random.default_rng(3).standard_normal((1, 3, 448, 448)).astype(np.float32)
+    request = v2_binary(x, outputs=[{"name": "stage4", "parameters": {"binary_data": True}}])
+    raw = (f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(request['content'])}\r\n"
+           f"{HEADER_LENGTH}: {request['headers'][HEADER_LENGTH]}\r\n\r\n").encode() + request["content"]
+    hangups = 'rmt_requests_total{endpoint="/v2/models/{model_name}/infer",status="499"}'
+    with ThreadPoolExecutor(1) as pool:
+        for _attempt in range(5):
+            calls, gone = scrape(slow_server, "rmt_batch_size_count"), scrape(slow_server, hangups)
+            running = pool.submit(httpx.post, slow_server.url + INFER, timeout=60, **request)
+            time.sleep(0.05)
+            with connect(slow_server) as sock:
+                sock.sendall(raw)
+                deadline = time.monotonic() + 5
+                while scrape(slow_server, "rmt_queue_depth") < 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                queued_behind = scrape(slow_server, "rmt_queue_depth") == 1 and not running.done()
+            assert running.result().status_code == 200
+            if queued_behind:
+                break
+    deadline = time.monotonic() + 10
+    while scrape(slow_server, hangups) == gone and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)                 # time enough for a second runner call, were the image still queued
+    assert scrape(slow_server, hangups) == gone + 1
+    assert scrape(slow_server, "rmt_batch_size_count") == calls + 1
+    assert scrape(slow_server, "rmt_queue_depth") == 0
