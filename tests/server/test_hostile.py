@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from test_server import BAD_REQUESTS, encode, free_port, jpeg
 
-from rmt_deploy.benchmarks.serve import wait_ready
+from rmt_deploy.benchmarks.serve import batch_totals, wait_ready
 
 SIZE = 64
 TOKEN = "s3cret"
@@ -260,12 +260,13 @@ def test_batches_take_what_is_already_queued(server):
     """With --max-delay-ms 0, batches form only from requests that are already waiting: today none
     were ever taken (every batch had one image); they must now fill up under concurrent load."""
     x = np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
-    images, calls = scrape(server, "rmt_batch_size_sum"), scrape(server, "rmt_batch_size_count")
+    images, calls = batch_totals(server.url, AUTH)        # what rmt-bench serve reports the mean batch from
     with httpx.Client(timeout=60) as client, ThreadPoolExecutor(12) as pool:
         statuses = list(pool.map(lambda _: client.post(server.url + INFER, **v2_binary(x)).status_code, range(96)))
     assert statuses == [200] * 96
-    mean_batch = (scrape(server, "rmt_batch_size_sum") - images) / (scrape(server, "rmt_batch_size_count") - calls)
-    assert mean_batch > 1.5
+    images_after, calls_after = batch_totals(server.url, AUTH)
+    assert images_after - images == 96
+    assert (images_after - images) / (calls_after - calls) > 1.5
 
 
 # --- raw sockets: hang-ups, slow and oversized headers ------------------------------------------
