@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import psutil
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from rmt_deploy.preprocess import decode_image, preprocess
 
@@ -37,6 +38,7 @@ class LevelResult:
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    mean_batch: float | None = None     # images per runner call, from the server's metrics
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -120,6 +122,14 @@ def wait_ready(url: str, process: subprocess.Popen | None, timeout: float = 300.
     raise RuntimeError(f"server at {url} not ready within {timeout} s")
 
 
+def batch_totals(url: str, headers: dict[str, str]) -> tuple[float, float]:
+    """(images inferred, runner calls) so far, from the server's rmt_batch_size histogram."""
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
+    samples = {s.name: s.value for family in text_string_to_metric_families(text) if family.name == "rmt_batch_size"
+               for s in family.samples}
+    return samples.get("rmt_batch_size_sum", 0.0), samples.get("rmt_batch_size_count", 0.0)
+
+
 async def run_level(url: str, images: list[bytes], concurrency: int, total: int, time_limit: float,
                     headers: dict[str, str]) -> LevelResult:
     latencies, errors = [], 0
@@ -173,11 +183,14 @@ def main(argv: list[str]) -> int:
         results = []
         for concurrency in levels:
             total = max(50, args.requests * concurrency // max(levels))
+            images_before, calls_before = batch_totals(url, headers)
             result = asyncio.run(run_level(url, images, concurrency, total, args.level_time_limit_s, headers))
+            images_after, calls_after = batch_totals(url, headers)
+            result.mean_batch = (images_after - images_before) / max(calls_after - calls_before, 1)
             results.append(result)
             print(f"concurrency {concurrency:>3}: {result.requests} requests, {result.errors} errors, "
                   f"{result.throughput:.1f} req/s, p50 {result.p50_ms:.0f} ms, p90 {result.p90_ms:.0f} ms, "
-                  f"p99 {result.p99_ms:.0f} ms")
+                  f"p99 {result.p99_ms:.0f} ms, mean batch {result.mean_batch:.2f} of {batch_size}")
         rss_growth_mb = (server.memory_info().rss - rss_start) / 2**20 if server else None
     finally:
         if process is not None:

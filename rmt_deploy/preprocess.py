@@ -11,6 +11,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 DEFAULT_MAX_PIXELS = 64_000_000
+# Resizing the shorter side to S makes a thin image's longer side huge (a 95-byte 1x8000 PNG would
+# become 256 x 2 million pixels): the aspect ratio and the resize target are bounded before resizing.
+MAX_ASPECT_RATIO = 20.0
+MAX_RESIZE_PIXELS = 25_000_000
 
 
 class ImageDecodeError(ValueError):
@@ -19,6 +23,10 @@ class ImageDecodeError(ValueError):
 
 class ImageTooLargeError(ImageDecodeError):
     """More pixels than allowed (decompression-bomb guard)."""
+
+
+class ImageShapeError(ImageDecodeError):
+    """Proportions the preprocessing refuses: resizing would create far more pixels than the image has."""
 
 
 def resize_size(size: int) -> int:
@@ -65,14 +73,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def resize_target(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) the shorter side is resized to; `ImageShapeError` for an aspect ratio above
+    MAX_ASPECT_RATIO or a target above MAX_RESIZE_PIXELS, checked before anything is allocated."""
+    short = resize_size(size)
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ImageShapeError(f"image of {w}x{h} pixels has an aspect ratio above the limit of "
+                              f"{MAX_ASPECT_RATIO:g}:1")
+    new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    if new_w * new_h > MAX_RESIZE_PIXELS:
+        raise ImageShapeError(f"resizing {w}x{h} pixels for a {size} crop would make {new_w}x{new_h}, above "
+                              f"the limit of {MAX_RESIZE_PIXELS} pixels")
+    return new_w, new_h
+
+
 def preprocess(img: Image.Image, size: int = 224) -> np.ndarray:
     """Resize (bicubic) the shorter side, centre-crop ``size``, scale to [0, 1], normalise: (3, S, S)."""
-    short = resize_size(size)
-    w, h = img.size
-    if w <= h:
-        new_w, new_h = short, int(short * h / w)
-    else:
-        new_w, new_h = int(short * w / h), short
+    new_w, new_h = resize_target(*img.size, size)
     img = img.resize((new_w, new_h), Image.BICUBIC)
     left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
     img = img.crop((left, top, left + size, top + size))

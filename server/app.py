@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from rmt_deploy import __version__
 
 from .batcher import DynamicBatcher
-from .errors import ApiError, api_error_handler
+from .errors import install_error_handlers
 from .metrics import ServerMetrics
 from .model_host import ServedModel, load_served_model
 from .routers import classify, features, health, metrics, v2
@@ -83,7 +83,7 @@ def create_app(settings: ServeSettings | None = None, served: ServedModel | None
     app = FastAPI(title="rmt-deploy", version=__version__, lifespan=lifespan,
                   description="RMT image classification and backbone features; KServe v2 (Triton) compatible.")
     app.state.settings, app.state.metrics, app.state.preloaded = settings, ServerMetrics(), served
-    app.add_exception_handler(ApiError, api_error_handler)
+    install_error_handlers(app)
     for router in (classify.router, features.router, v2.router, health.router, metrics.router):
         app.include_router(router)
     if settings.cors_origins:

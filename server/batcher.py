@@ -1,15 +1,19 @@
 """Dynamic batching: concurrent requests are coalesced into one runner call, the way Triton's
 dynamic batcher does, because a batch of 8 costs far less than 8 batches of 1.
 
-Requests wait in a bounded queue (full: `QueueFull`, the caller answers 503). One task on the event
-loop forms batches up to ``max_batch_size`` images, waiting at most ``max_delay_ms`` after the
-first one, and runs inference in a single worker thread so the loop keeps serving. Every request
-gets back exactly its own rows of every output.
+A request first reserves queue room for all its images (none left: `QueueFull`, the caller answers
+503), decodes them, then queues them at once. One task on the event loop forms batches up to
+``max_batch_size`` images: it takes every compatible request already waiting and waits at most
+``max_delay_ms`` after the first one for more, and runs inference in a single worker thread so the
+loop keeps serving. Every request gets back exactly its own rows of every output. When a request
+ends early (timeout, disconnect, a sibling file that failed) its reservation is released and its
+images still waiting are withdrawn, so nobody pays for abandoned work.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,11 +35,44 @@ class BatchResult:
     batch_size: int
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     images: np.ndarray                    # (n, 3, H, W)
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    taken: bool = False                   # in a batch: past the point of withdrawal
+
+
+class Reservation:
+    """Queue room held by one request; a context manager that gives back whatever is unused and
+    withdraws the request's images still waiting when the request ends, however it ends."""
+
+    def __init__(self, batcher: DynamicBatcher, images: int):
+        self._batcher, self._unused, self._pending = batcher, images, []
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._batcher._withdraw([p for p in self._pending if not p.taken], self._unused)
+        self._unused, self._pending = 0, []
+
+    async def submit(self, arrays: list[np.ndarray]) -> list[BatchResult]:
+        """Queue each (n, 3, H, W) array (a runner call may take several, never split one) and wait
+        for all their outputs."""
+        total = sum(len(a) for a in arrays)
+        if total > self._unused:
+            raise ValueError(f"{total} images submitted on a reservation of {self._unused}")
+        too_big = [len(a) for a in arrays if len(a) > self._batcher.max_batch_size]
+        if too_big:
+            raise ValueError(f"batch of {too_big[0]} is above the server's max batch size "
+                             f"{self._batcher.max_batch_size}")
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(a, loop.create_future()) for a in arrays]
+        self._unused -= total
+        self._pending += pending
+        self._batcher._enqueue(pending)
+        return list(await asyncio.gather(*(p.future for p in pending)))
 
 
 class DynamicBatcher:
@@ -44,95 +81,121 @@ class DynamicBatcher:
         self.infer, self.metrics = infer, metrics
         self.max_batch_size, self.max_delay_s = max_batch_size, max_delay_ms / 1e3
         self.max_queue_size = max_queue_size
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._queued_images = 0
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._held = 0                    # images reserved or queued, not yet taken into a batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmt-infer")
         self._task: asyncio.Task | None = None
-        self._carry: _Pending | None = None
         self._busy = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="rmt-batcher")
 
-    async def submit(self, images: np.ndarray) -> BatchResult:
-        """Queue ``images`` (n, 3, H, W) and wait for their outputs. Cancelling the caller (timeout,
-        disconnect) drops the request from any batch not yet started."""
-        n = len(images)
-        if n > self.max_batch_size:
-            raise ValueError(f"batch of {n} is above the server's max batch size {self.max_batch_size}")
-        if n > self.max_queue_size:
-            raise ValueError(f"batch of {n} is above the server's queue size {self.max_queue_size}")
-        if self._queued_images + n > self.max_queue_size:
-            raise QueueFull(f"queue full ({self._queued_images} images waiting)")
-        pending = _Pending(images, asyncio.get_running_loop().create_future())
-        self._queued_images += n
-        self.metrics.queue_depth.set(self._queued_images)
-        self._queue.put_nowait(pending)
-        return await pending.future
+    @property
+    def queued_images(self) -> int:
+        return sum(len(p.images) for p in self._queue)
 
-    async def _next(self, timeout: float | None) -> _Pending | None:
-        if self._carry is not None:
-            pending, self._carry = self._carry, None
-            return pending
-        try:
-            pending = await (asyncio.wait_for(self._queue.get(), timeout) if timeout is not None else self._queue.get())
-        except asyncio.TimeoutError:
-            return None
-        self._queued_images -= len(pending.images)
-        self.metrics.queue_depth.set(self._queued_images)
+    def check_room(self) -> None:
+        """QueueFull when not even one more image fits: lets a busy server refuse a request before
+        reading its body."""
+        if self._held >= self.max_queue_size:
+            raise QueueFull(f"queue full ({self._held} images waiting)")
+
+    def reserve(self, images: int) -> Reservation:
+        """Room for ``images`` images of one request, or QueueFull; ValueError if it can never fit."""
+        if images > self.max_queue_size:
+            raise ValueError(f"batch of {images} is above the server's queue size {self.max_queue_size}")
+        if self._held + images > self.max_queue_size:
+            raise QueueFull(f"queue full ({self._held} images waiting)")
+        self._held += images
+        return Reservation(self, images)
+
+    def _enqueue(self, pending: list[_Pending]) -> None:
+        self._queue.extend(pending)
+        self.metrics.queue_depth.set(self.queued_images)
+        self._arrived.set()
+
+    def _withdraw(self, pending: list[_Pending], unused: int) -> None:
+        for p in pending:
+            self._queue.remove(p)
+            p.future.cancel()
+        self._held -= unused + sum(len(p.images) for p in pending)
+        self.metrics.queue_depth.set(self.queued_images)
+
+    def _take(self) -> _Pending:
+        pending = self._queue.popleft()
+        pending.taken = True
+        self._held -= len(pending.images)
+        self.metrics.queue_depth.set(self.queued_images)
         return pending
 
+    async def _wait_for_arrival(self, timeout: float | None) -> bool:
+        self._arrived.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._arrived.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def _collect(self) -> list[_Pending]:
-        first = await self._next(None)
+        """One batch: the first waiting request, then every compatible one already queued (a request of
+        another input shape, or one that would overflow the batch, starts the next batch), then
+        whatever arrives before the delay runs out."""
+        while not self._queue:
+            await self._wait_for_arrival(None)
+        first = self._take()
+        self._busy = True                 # from here until the batch has run, for drain()
         batch, rows = [first], len(first.images)
         deadline = time.perf_counter() + self.max_delay_s
         while rows < self.max_batch_size:
-            pending = await self._next(max(0.0, deadline - time.perf_counter()))
-            if pending is None:
+            if not self._queue:
+                if not await self._wait_for_arrival(max(0.0, deadline - time.perf_counter())):
+                    break
+                continue
+            head = self._queue[0]
+            if head.images.shape[1:] != first.images.shape[1:] or rows + len(head.images) > self.max_batch_size:
                 break
-            same_shape = pending.images.shape[1:] == first.images.shape[1:]
-            if not same_shape or rows + len(pending.images) > self.max_batch_size:
-                self._carry = pending          # starts the next batch
-                break
-            batch.append(pending)
-            rows += len(pending.images)
+            batch.append(self._take())
+            rows += len(head.images)
         return [p for p in batch if not p.future.done()]
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            if not batch:
-                continue
-            images = np.concatenate([p.images for p in batch]) if len(batch) > 1 else batch[0].images
-            started = time.perf_counter()
-            self._busy = True
             try:
-                outputs = await loop.run_in_executor(self._executor, self.infer, images)
-            except Exception as exc:  # the runner failed: every request of this batch gets the error
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
+                if batch:
+                    await self._run_batch(batch)
             finally:
                 self._busy = False
-            infer_ms = (time.perf_counter() - started) * 1e3
-            self.metrics.infer_seconds.observe(infer_ms / 1e3)
-            self.metrics.batch_size.observe(len(images))
-            offset = 0
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        images = np.concatenate([p.images for p in batch]) if len(batch) > 1 else batch[0].images
+        started = time.perf_counter()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.infer, images)
+        except Exception as exc:  # the runner failed: every request of this batch gets the error
             for p in batch:
-                n = len(p.images)
-                queue_ms = (started - p.enqueued) * 1e3
-                self.metrics.queue_seconds.observe(queue_ms / 1e3)
                 if not p.future.done():
-                    p.future.set_result(BatchResult({k: v[offset:offset + n] for k, v in outputs.items()},
-                                                    queue_ms, infer_ms, len(images)))
-                offset += n
+                    p.future.set_exception(exc)
+            return
+        infer_ms = (time.perf_counter() - started) * 1e3
+        self.metrics.infer_seconds.observe(infer_ms / 1e3)
+        self.metrics.batch_size.observe(len(images))
+        offset = 0
+        for p in batch:
+            n = len(p.images)
+            queue_ms = (started - p.enqueued) * 1e3
+            self.metrics.queue_seconds.observe(queue_ms / 1e3)
+            if not p.future.done():
+                p.future.set_result(BatchResult({k: v[offset:offset + n] for k, v in outputs.items()},
+                                                queue_ms, infer_ms, len(images)))
+            offset += n
 
     async def drain(self, timeout: float) -> None:
         """Finish what is queued (graceful shutdown), then stop the batching task and worker."""
         deadline = time.perf_counter() + timeout
-        while (self._queued_images or self._carry or self._busy) and time.perf_counter() < deadline:
+        while (self._queue or self._busy) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()

@@ -9,6 +9,7 @@ from pydantic_settings import CliApp, SettingsError
 
 from .app import create_app
 from .model_host import load_served_model
+from .protocol import uvicorn_options
 from .settings import ServeSettings
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rmt-serve: cannot load the model: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     uvicorn.run(create_app(settings, served), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.graceful_timeout_s)
+                timeout_graceful_shutdown=settings.graceful_timeout_s, **uvicorn_options(settings))
     return 0
 
 

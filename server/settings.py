@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
 
 
@@ -39,11 +39,21 @@ class ServeSettings(BaseSettings):
     max_files: int = Field(16, ge=1, description="files per multipart /classify request")
     decode_workers: int = Field(2, ge=1, description="threads that decode and preprocess images")
     graceful_timeout_s: float = Field(30.0, ge=0, description="how long shutdown waits for in-flight requests")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this (408)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers limit (431)")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
     warmup: bool = Field(True, description="run one batch before /readyz turns ready")
     api_key: CliSuppress[SecretStr | None] = Field(None, description="bearer token for inference endpoints "
                                                                     "(RMT_API_KEY; environment only)")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none: CORS off")
     log_level: str = "info"
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("RMT_API_KEY is set but empty: set a token, or unset it to serve without one")
+        return value
 
     @model_validator(mode="after")
     def _backend_has_its_file(self) -> "ServeSettings":

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
-from .batcher import DynamicBatcher
+from .batcher import DynamicBatcher, QueueFull
 from .errors import ApiError
 from .metrics import ServerMetrics
 from .model_host import ServedModel
@@ -28,3 +29,18 @@ def server_state(request: Request) -> ServerState:
     if state is None or not state.ready:
         raise ApiError(503, "model not ready", {"Retry-After": "1"})
     return state
+
+
+ServerStateDep = Annotated[ServerState, Depends(server_state)]
+
+
+def accepting_state(state: ServerStateDep) -> ServerState:
+    """The state, or 503 when the queue is full: a busy server refuses before the body is read."""
+    try:
+        state.batcher.check_room()
+    except QueueFull as exc:
+        raise ApiError(503, f"server busy: {exc}", {"Retry-After": "1"}) from exc
+    return state
+
+
+AcceptingState = Annotated[ServerState, Depends(accepting_state)]

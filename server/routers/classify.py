@@ -1,17 +1,16 @@
 """POST /classify: one or more images in, top-k ImageNet (or index) labels out."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
 from ..errors import ApiError, error_responses
-from ..pipeline import deadline, decode, infer
+from ..pipeline import deadline, decode_all, infer, reserve
 from ..schemas import ClassifyBatchResponse, ClassifyResponse, Prediction, TimingMs
 from ..security import require_api_key
-from ..state import ServerState, server_state
+from ..state import AcceptingState
 from ..uploads import IMAGE_BODY_OPENAPI, read_images
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
@@ -25,27 +24,24 @@ def top_predictions(logits: np.ndarray, labels: list[str], top_k: int) -> list[P
     return [Prediction(index=int(i), label=labels[i], score=float(probs[i])) for i in order]
 
 
-async def _classify_one(state: ServerState, data: bytes, top_k: int, started: float) -> ClassifyResponse:
-    images, decode_ms = await decode(state, data)
-    result = await infer(state, images)
-    runner = state.model.runner
-    return ClassifyResponse(
-        model=state.model.name, backend=runner.backend, precision=runner.precision,
-        predictions=top_predictions(result.outputs[state.model.output_names[0]][0], state.model.labels, top_k),
-        timing_ms=TimingMs(decode=decode_ms, queue=result.queue_ms, infer=result.infer_ms,
-                           total=(time.perf_counter() - started) * 1e3))
-
-
 @router.post("/classify", response_model=ClassifyResponse | ClassifyBatchResponse, openapi_extra=IMAGE_BODY_OPENAPI,
-             responses=error_responses(400, 401, 409, 413, 415, 503, 504))
-async def classify(request: Request, top_k: int = Query(5, ge=1, le=1000, description="predictions per image"),
-                   state: ServerState = Depends(server_state)):
+             responses=error_responses(400, 401, 409, 413, 415, 422, 503, 504))
+async def classify(request: Request, state: AcceptingState,
+                   top_k: int = Query(5, ge=1, le=1000, description="predictions per image")):
     """Classify images sent as multipart field `file` (several allowed: `{"results": [...]}`) or a raw image body."""
     if state.model.task != "classify":
         raise ApiError(409, "this server runs the backbone (features) model: use POST /features")
     started = time.perf_counter()
     async with deadline(state):
         files = await read_images(request, state.settings.max_upload_bytes, state.settings.max_files)
-        top_k = min(top_k, len(state.model.labels))
-        results = await asyncio.gather(*(_classify_one(state, data, top_k, started) for data in files))
-    return results[0] if len(results) == 1 else ClassifyBatchResponse(results=list(results))
+        with reserve(state, len(files)) as reservation:
+            decoded = await decode_all(state, files)
+            results = await infer(request, reservation, [images for images, _ in decoded])
+    top_k = min(top_k, len(state.model.labels))
+    runner, total_ms = state.model.runner, (time.perf_counter() - started) * 1e3
+    responses = [ClassifyResponse(
+        model=state.model.name, backend=runner.backend, precision=runner.precision,
+        predictions=top_predictions(result.outputs[state.model.output_names[0]][0], state.model.labels, top_k),
+        timing_ms=TimingMs(decode=decode_ms, queue=result.queue_ms, infer=result.infer_ms, total=total_ms))
+        for (_, decode_ms), result in zip(decoded, results)]
+    return responses[0] if len(responses) == 1 else ClassifyBatchResponse(results=responses)

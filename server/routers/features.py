@@ -10,10 +10,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from ..errors import ApiError, error_responses
-from ..pipeline import deadline, decode, infer
+from ..pipeline import deadline, decode, infer, reserve
 from ..schemas import FeaturesResponse, StageFeature, TimingMs
 from ..security import require_api_key
-from ..state import ServerState, server_state
+from ..state import AcceptingState
 from ..uploads import IMAGE_BODY_OPENAPI, read_images
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
@@ -23,10 +23,9 @@ NPZ_TYPE = "application/x-npz"
 @router.post("/features", response_model=FeaturesResponse, openapi_extra=IMAGE_BODY_OPENAPI,
              responses={200: {"content": {NPZ_TYPE: {"schema": {"type": "string", "format": "binary"}}},
                               "description": "JSON summary, or with ?format=npz the arrays (numpy.load opens it)"},
-                        **error_responses(400, 401, 409, 413, 415, 503, 504)})
-async def features(request: Request, format: Literal["json", "npz"] | None = Query(
-                       None, description=f"npz: full arrays (also chosen by Accept: {NPZ_TYPE})"),
-                   state: ServerState = Depends(server_state)):
+                        **error_responses(400, 401, 409, 413, 415, 422, 503, 504)})
+async def features(request: Request, state: AcceptingState, format: Literal["json", "npz"] | None = Query(
+                       None, description=f"npz: full arrays (also chosen by Accept: {NPZ_TYPE})")):
     """Backbone features of one image: name, stride, NCHW shape and pooled vector per stage."""
     if state.model.task != "features":
         raise ApiError(409, "this server runs the classification model: use POST /classify "
@@ -36,8 +35,9 @@ async def features(request: Request, format: Literal["json", "npz"] | None = Que
         files = await read_images(request, state.settings.max_upload_bytes, state.settings.max_files)
         if len(files) != 1:
             raise ApiError(400, f"/features takes exactly one image, got {len(files)}")
-        images, decode_ms = await decode(state, files[0])
-        result = await infer(state, images)
+        with reserve(state, 1) as reservation:
+            images, decode_ms = await decode(state, files[0])
+            [result] = await infer(request, reservation, [images])
     stages = {name: result.outputs[name] for name in state.model.output_names}
     wants_npz = format == "npz" or (format is None and NPZ_TYPE in request.headers.get("accept", ""))
     if wants_npz:

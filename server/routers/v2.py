@@ -6,22 +6,25 @@ import json
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import ValidationError
 
 from rmt_deploy import __version__
 from rmt_deploy.runners import INPUT_NAME
 
 from ..errors import ApiError, error_responses
-from ..pipeline import deadline, infer
-from ..schemas import (InferOutputTensor, InferRequest, InferResponse, ModelMetadata, ServerMetadata,
-                       TensorMetadata)
+from ..model_host import ServedModel
+from ..pipeline import deadline, infer, off_loop, reserve
+from ..schemas import (InferInputTensor, InferOutputTensor, InferRequest, InferResponse, ModelMetadata,
+                       ServerMetadata, TensorMetadata)
 from ..security import require_api_key
-from ..state import ServerState, server_state
+from ..state import AcceptingState, ServerState, ServerStateDep
 from ..uploads import read_body
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 HEADER_LENGTH = "Inference-Header-Content-Length"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+JSON_SLICE = 65536
 PLATFORMS = {"eager": "pytorch_libtorch", "compile": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx",
              "openvino": "openvino", "tensorrt": "tensorrt_plan"}
 
@@ -45,9 +48,13 @@ INFER_BODY_OPENAPI = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": _inlined_schema(InferRequest)}}}}
 
 
-def _model(state: ServerState, model_name: str) -> ServerState:
+def _model(state: ServerState, request: Request) -> ServerState:
+    """404 unless the path names this server's model (and its only version, "1")."""
+    model_name, version = request.path_params["model_name"], request.path_params.get("model_version")
     if model_name != state.model.name:
         raise ApiError(404, f"unknown model {model_name!r}; this server serves {state.model.name!r}")
+    if version not in (None, "1"):
+        raise ApiError(404, f"model {model_name!r} has no version {version!r}; its only version is '1'")
     return state
 
 
@@ -56,22 +63,24 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="rmt-deploy", version=__version__, extensions=["binary_tensor_data"])
 
 
-@router.get("/health/live", responses={200: {"description": "alive"}})
-async def live() -> Response:
-    return Response(status_code=200)
+@router.get("/health/live", response_class=PlainTextResponse, responses={200: {"description": "alive"}})
+async def live() -> PlainTextResponse:
+    return PlainTextResponse("")
 
 
-@router.get("/health/ready", responses={200: {"description": "ready"}, 503: {"description": "not ready"}})
-async def ready(request: Request) -> Response:
+@router.get("/health/ready", response_class=PlainTextResponse,
+            responses={200: {"description": "ready"}, 503: {"description": "not ready", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}})
+async def ready(request: Request) -> PlainTextResponse:
     state = getattr(request.app.state, "server", None)
-    return Response(status_code=200 if state is not None and state.ready else 503)
+    return PlainTextResponse("", status_code=200 if state is not None and state.ready else 503)
 
 
 @router.get("/models/{model_name}", response_model=ModelMetadata, responses=error_responses(404, 503))
 @router.get("/models/{model_name}/versions/{model_version}", response_model=ModelMetadata,
             responses=error_responses(404, 503), include_in_schema=False)
-async def model_metadata(model_name: str, state: ServerState = Depends(server_state)) -> ModelMetadata:
-    served = _model(state, model_name).model
+async def model_metadata(model_name: str, request: Request, state: ServerStateDep) -> ModelMetadata:
+    served = _model(state, request).model
     size = served.image_size
     outputs = [TensorMetadata(name=n, datatype="FP32", shape=[-1, c] if served.task == "classify" else [-1, c, -1, -1])
                for n, c in zip(served.output_names, served.output_channels)]
@@ -80,30 +89,65 @@ async def model_metadata(model_name: str, state: ServerState = Depends(server_st
                          outputs=outputs)
 
 
-@router.get("/models/{model_name}/ready", responses={200: {"description": "ready"}, **error_responses(404, 503)})
+@router.get("/models/{model_name}/ready", responses={200: {"description": "ready", "content": {
+    "text/plain": {"schema": {"type": "string"}}}}, **error_responses(404, 503)})
 @router.get("/models/{model_name}/versions/{model_version}/ready", include_in_schema=False)
-async def model_ready(model_name: str, state: ServerState = Depends(server_state)) -> Response:
-    _model(state, model_name)
-    return Response(status_code=200)
+async def model_ready(model_name: str, request: Request, state: ServerStateDep) -> PlainTextResponse:
+    _model(state, request)
+    return PlainTextResponse("")
+
+
+def _header_length(value: str, body_size: int) -> int:
+    """The JSON header's length: ASCII digits only (``"²".isdigit()`` is true, and int() refuses
+    strings of over 4300 digits), within the body."""
+    if not (value.isascii() and value.isdigit() and len(value) <= 18) or int(value) > body_size:
+        raise ApiError(400, f"{HEADER_LENGTH} {value!r} is not a byte count within the body of {body_size} bytes")
+    return int(value)
 
 
 def _parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
     """Split a binary-extension body into its JSON header and the raw tensor bytes after it."""
-    if header_length is None:
-        json_part, binary = body, b""
-    else:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise ApiError(400, f"{HEADER_LENGTH} {header_length!r} does not fit a body of {len(body)} bytes")
-        json_part, binary = body[:int(header_length)], body[int(header_length):]
+    split = len(body) if header_length is None else _header_length(header_length, len(body))
     try:
-        return InferRequest.model_validate_json(json_part), binary
+        return InferRequest.model_validate_json(body[:split]), body[split:]
     except ValidationError as exc:
         raise ApiError(400, f"invalid inference request: {exc.errors(include_url=False)[0]['msg']} "
                             f"at {'.'.join(map(str, exc.errors()[0]['loc'])) or 'body'}") from exc
 
 
-def _input_array(request: InferRequest, binary: bytes, state: ServerState) -> np.ndarray:
-    size, max_batch = state.model.image_size, state.batcher.max_batch_size
+def _finite_float32(values: np.ndarray, name: str) -> np.ndarray:
+    """400 naming the tensor unless every value is a finite float32 (NaN, infinities and numbers
+    beyond float32's range would only come back as NaN outputs)."""
+    if values.dtype.kind not in "iuf":
+        raise ApiError(400, f"input {name!r} data holds values that are not numbers (null, strings, booleans, "
+                            "or integers beyond 64 bits)")
+    if values.dtype.kind == "f" and not (np.isfinite(values).all() and np.abs(values).max(initial=0) <= FLOAT32_MAX):
+        raise ApiError(400, f"input {name!r} holds values that are not finite float32 numbers (NaN, Infinity, "
+                            f"or beyond +-{FLOAT32_MAX:.4g})")
+    return values.astype(np.float32, copy=False)
+
+
+def _tensor_data(tensor: InferInputTensor, binary: bytes, count: int) -> np.ndarray:
+    """The tensor's values, flat: from the binary part or from JSON ``data``."""
+    binary_size = (tensor.parameters or {}).get("binary_data_size")
+    if binary_size is not None:
+        if type(binary_size) is not int or binary_size != count * 4 or len(binary) < binary_size:
+            raise ApiError(400, f"binary data of input {tensor.name!r}: {binary_size} bytes declared, {len(binary)} "
+                                f"sent, shape {tensor.shape} FP32 needs {count * 4}")
+        values = np.frombuffer(binary[:binary_size], dtype="<f4")
+    elif tensor.data is None:
+        raise ApiError(400, f"input {tensor.name!r} has neither 'data' nor binary_data_size")
+    else:
+        try:
+            values = np.asarray(tensor.data).ravel()
+        except (ValueError, OverflowError) as exc:
+            raise ApiError(400, f"input {tensor.name!r} data is not a (nested) list of numbers: {exc}") from exc
+    if values.size != count:
+        raise ApiError(400, f"input {tensor.name!r} has {values.size} values; shape {tensor.shape} needs {count}")
+    return _finite_float32(values, tensor.name)
+
+
+def _input_array(request: InferRequest, binary: bytes, size: int, max_batch: int) -> np.ndarray:
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
         raise ApiError(400, f"expected exactly one input named {INPUT_NAME!r}, got {[t.name for t in request.inputs]}")
     tensor = request.inputs[0]
@@ -113,62 +157,73 @@ def _input_array(request: InferRequest, binary: bytes, state: ServerState) -> np
     if len(shape) != 4 or shape[1:] != [3, size, size] or not 1 <= shape[0] <= max_batch:
         raise ApiError(400, f"input {INPUT_NAME!r} has shape {shape}; the model expects [N, 3, {size}, {size}] "
                             f"with 1 <= N <= {max_batch}")
-    count = int(np.prod(shape))
-    binary_size = (tensor.parameters or {}).get("binary_data_size")
-    if binary_size is not None:
-        if not isinstance(binary_size, int) or binary_size != count * 4 or len(binary) < binary_size:
-            raise ApiError(400, f"binary data of input {INPUT_NAME!r}: {binary_size} bytes declared, {len(binary)} "
-                                f"sent, shape {shape} FP32 needs {count * 4}")
-        return np.frombuffer(binary[:binary_size], dtype="<f4").reshape(shape).copy()  # writable for torch
-    if tensor.data is None:
-        raise ApiError(400, f"input {INPUT_NAME!r} has neither 'data' nor binary_data_size")
-    try:
-        values = np.asarray(tensor.data, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise ApiError(400, f"input {INPUT_NAME!r} data is not a list of numbers: {exc}") from exc
-    if values.size != count:
-        raise ApiError(400, f"input {INPUT_NAME!r} has {values.size} values; shape {shape} needs {count}")
-    return values.reshape(shape)
+    return _tensor_data(tensor, binary, int(np.prod(shape))).reshape(shape).copy()   # writable for torch
 
 
-def _wants_binary(request: InferRequest) -> dict[str, bool]:
-    """Output name -> send as binary, following Triton: per-output flag, else the request-wide default."""
+def _wants_binary(request: InferRequest, output_names: list[str]) -> dict[str, bool]:
+    """Output name -> send as binary, following Triton: per-output flag, else the request-wide default;
+    no outputs named: all of them."""
     default = bool((request.parameters or {}).get("binary_data_output", False))
-    return {o.name: bool((o.parameters or {}).get("binary_data", default)) for o in request.outputs or []}
+    if not request.outputs:
+        return {name: default for name in output_names}
+    wanted = {o.name: bool((o.parameters or {}).get("binary_data", default)) for o in request.outputs}
+    unknown = set(wanted) - set(output_names)
+    if unknown:
+        raise ApiError(400, f"unknown outputs {sorted(unknown)}; the model has {output_names}")
+    return wanted
+
+
+def _read_request(body: bytes, header_length: str | None, served: ServedModel,
+                  max_batch: int) -> tuple[InferRequest, np.ndarray, dict[str, bool]]:
+    """Everything the request asks for, validated (runs in the worker pool: large JSON is slow)."""
+    infer_request, binary = _parse_request(body, header_length)
+    images = _input_array(infer_request, binary, served.image_size, max_batch)
+    return infer_request, images, _wants_binary(infer_request, served.output_names)
+
+
+def _json_floats(array: np.ndarray) -> str:
+    """A JSON list of the values, encoded in slices so no single call holds the GIL for long."""
+    flat = array.ravel()
+    return "[" + ",".join(json.dumps(flat[i:i + JSON_SLICE].tolist())[1:-1]
+                          for i in range(0, flat.size, JSON_SLICE)) + "]"
+
+
+def _render(response: InferResponse, outputs: dict[str, np.ndarray], binary_outputs: dict[str, bool]) -> Response:
+    """The v2 response; 422 for an output that is not finite (absurd inputs such as 3e38 overflow)."""
+    tensors, blobs, json_data = [], [], []
+    for name, as_binary in binary_outputs.items():
+        array = np.ascontiguousarray(outputs[name], dtype="<f4")
+        if not np.isfinite(array).all():
+            raise ApiError(422, f"output {name!r} is not finite (NaN or infinity): the input values are outside "
+                                "the range the model computes in")
+        parameters = {"binary_data_size": array.nbytes} if as_binary else None
+        tensors.append(InferOutputTensor(name=name, shape=list(array.shape), datatype="FP32", parameters=parameters))
+        (blobs if as_binary else json_data).append(array.tobytes() if as_binary else _json_floats(array))
+    head = response.model_copy(update={"outputs": tensors}).model_dump(exclude_none=True)
+    rendered = [json.dumps(t) for t in head.pop("outputs")]
+    for i, tensor in enumerate(tensors):   # splice the data lists into the JSON-only tensors, in order
+        if tensor.parameters is None:
+            rendered[i] = rendered[i][:-1] + ', "data": ' + json_data.pop(0) + "}"
+    header = (json.dumps(head)[:-1] + ', "outputs": [' + ", ".join(rendered) + "]}").encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(header + b"".join(blobs), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
 
 
 @router.post("/models/{model_name}/infer", response_model=InferResponse, openapi_extra=INFER_BODY_OPENAPI,
-             responses=error_responses(400, 401, 404, 413, 503, 504), dependencies=[Depends(require_api_key)])
+             responses=error_responses(400, 401, 404, 413, 422, 503, 504), dependencies=[Depends(require_api_key)])
 @router.post("/models/{model_name}/versions/{model_version}/infer", include_in_schema=False,
              dependencies=[Depends(require_api_key)])
-async def model_infer(model_name: str, request: Request, state: ServerState = Depends(server_state)) -> Response:
+async def model_infer(model_name: str, request: Request, state: AcceptingState) -> Response:
     """JSON tensors, or the binary tensor data extension (`Inference-Header-Content-Length`)."""
-    served = _model(state, model_name).model
+    served = _model(state, request).model
     async with deadline(state):
         body = await read_body(request, state.settings.max_upload_bytes)
-        infer_request, binary = _parse_request(body, request.headers.get(HEADER_LENGTH))
-        images = _input_array(infer_request, binary, state)
-        binary_outputs = _wants_binary(infer_request)
-        unknown = set(binary_outputs) - set(served.output_names)
-        if unknown:
-            raise ApiError(400, f"unknown outputs {sorted(unknown)}; the model has {served.output_names}")
-        result = await infer(state, images)
-    if not binary_outputs:
-        default = bool((infer_request.parameters or {}).get("binary_data_output", False))
-        binary_outputs = {name: default for name in served.output_names}
-    tensors, blobs = [], []
-    for name, as_binary in binary_outputs.items():
-        array = np.ascontiguousarray(result.outputs[name], dtype="<f4")
-        if as_binary:
-            blobs.append(array.tobytes())
-            tensors.append(InferOutputTensor(name=name, shape=list(array.shape), datatype="FP32",
-                                             parameters={"binary_data_size": len(blobs[-1])}))
-        else:
-            tensors.append(InferOutputTensor(name=name, shape=list(array.shape), datatype="FP32",
-                                             data=array.ravel().tolist()))
-    response = InferResponse(model_name=served.name, model_version="1", id=infer_request.id, outputs=tensors)
-    if not blobs:
-        return JSONResponse(response.model_dump(exclude_none=True))
-    header = json.dumps(response.model_dump(exclude_none=True)).encode()
-    return Response(header + b"".join(blobs), media_type="application/octet-stream",
-                    headers={HEADER_LENGTH: str(len(header))})
+        infer_request, images, binary_outputs = await off_loop(
+            state, _read_request, body, request.headers.get(HEADER_LENGTH), served, state.batcher.max_batch_size)
+        del body
+        with reserve(state, len(images)) as reservation:
+            [result] = await infer(request, reservation, [images])
+    response = InferResponse(model_name=served.name, model_version="1", id=infer_request.id, outputs=[])
+    return await off_loop(state, _render, response, result.outputs, binary_outputs)
