@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"rmt-predict: {summary.written} rows written to {args.output} ({summary.errors} with an error, "
           f"{summary.skipped} already there of {summary.images} listed) in {summary.seconds:.1f} s, "
-          f"{summary.images_per_s:.1f} images/s")
+          f"{summary.images_per_s:.1f} images/s" + (f" ({summary.steady_images_per_s:.1f} after the first batch)"
+                                                     if summary.steady_images_per_s else ""))
     return 0
 
 

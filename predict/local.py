@@ -20,10 +20,18 @@ class RunSummary:
     written: int            # rows written by this run
     errors: int             # of which with an error
     seconds: float
+    first_batch: tuple[int, float] | None = None    # (rows, seconds) when the first batch was done: start-up
 
     @property
     def images_per_s(self) -> float:
         return self.written / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_images_per_s(self) -> float | None:
+        """Images/s after the first batch (worker start-up excluded, as rmt-bench excludes warm-up)."""
+        if not self.first_batch or self.written <= self.first_batch[0] or self.seconds <= self.first_batch[1]:
+            return None
+        return (self.written - self.first_batch[0]) / (self.seconds - self.first_batch[1])
 
 
 def pending_sources(data: str, output: str | Path, resume: bool) -> tuple[list[Source], int]:
@@ -47,17 +55,18 @@ def run_local(options: PredictOptions, data: str, output: str | Path, *, workers
     writer = PartWriter(output, output_schema(options, predictor.output_names), rows_per_file)
     batches = decoded_batches(sources, options.batch_size, predictor.image_size,
                               default_workers() if workers is None else workers)
-    errors, start = 0, time.perf_counter()
+    errors, start, first = 0, time.perf_counter(), None
     try:
         if progress:
             progress(0, len(sources))
         for batch in batches:
             writer.add(rows_table(predictor, batch.paths, batch.errors, batch.images))
             errors += sum(e is not None for e in batch.errors)
+            first = first or (len(batch.paths), time.perf_counter() - start)
             if progress:
                 progress(len(batch.paths), len(sources))
     finally:
         writer.flush()
         batches.close()
         predictor.close()
-    return RunSummary(listed, listed - len(sources), writer.rows_written, errors, time.perf_counter() - start)
+    return RunSummary(listed, listed - len(sources), writer.rows_written, errors, time.perf_counter() - start, first)
