@@ -6,16 +6,10 @@ import argparse
 import signal
 import sys
 
+# rmt-bench's argument checks until the shared CLI vocabulary (issue 18) holds them
+from rmt_deploy.benchmarks.cli import _at_least
+
 from .predictor import FILE_BACKENDS, PredictOptions
-
-
-def _at_least(low: float, kind=int):
-    def parse(text: str):
-        value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ def make_jpegs(folder: Path, count: int, fixtures: Path) -> None:
 def bench_offline(args, backends: list[str], out: Path) -> dict[str, float]:
     cmd = [sys.executable, "-m", "rmt_deploy.benchmarks.cli", "--model", args.model, "--backends", ",".join(backends),
            "--batch-sizes", str(args.batch_size), "--img-size", str(args.image_size), "--cache-dir", args.cache_dir,
-           "--json", str(out)]
+           "--warmup", "2", "--iters", str(args.bench_iters), "--repeats", "3", "--json", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return {r["backend"]: r["images_per_s"] for r in json.loads(out.read_text())["results"] if "skipped" not in r}
 
@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--bench-iters", type=int, default=10, help="rmt-bench's timed calls per repeat (3 repeats)")
     ap.add_argument("--ray-threads", type=int, default=2, help="CPUs (and runner threads) of the one Ray actor")
     ap.add_argument("--cache-dir", default=".rmt_cache")
     ap.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
