@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 from .decode import decode_one
 from .local import RunSummary, pending_sources
 from .output import part_files
-from .predictor import PredictOptions, open_predictor, rows_table
+from .predictor import FILE_BACKENDS, PredictOptions, open_predictor, rows_table
 from .sources import Source
 
 DECODE_CPUS = 0.5      # decoding one batch is light next to inferring it
@@ -48,7 +49,7 @@ def connect(address: str | None, cpus_needed: int) -> None:
 
 def _source_rows(sources: list[Source]) -> list[dict]:
     """Plain columns (no nulls) for the dataset: -1 offset/size for whole files, "" for no error."""
-    return [{"path": s.path, "file": s.file, "offset": -1 if s.offset is None else s.offset,
+    return [{"path": s.path, "file": os.path.abspath(s.file), "offset": -1 if s.offset is None else s.offset,
              "size": -1 if s.size is None else s.size, "error": s.error or ""} for s in sources]
 
 
@@ -63,6 +64,18 @@ def decode_rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray
         images.append(decoded if isinstance(decoded, np.ndarray) else np.zeros((3, size, size), np.float32))
         errors.append("" if isinstance(decoded, np.ndarray) else decoded)
     return {"path": batch["path"], "image": np.stack(images), "error": np.asarray(errors, dtype=object)}
+
+
+def _for_actors(options: PredictOptions) -> tuple[PredictOptions, int]:
+    """Options every actor can open wherever it runs (files by absolute path, an ONNX file exported
+    once here), and the runner's input size (a file's own), known before decoding starts."""
+    def absolute(path):
+        return os.path.abspath(path) if path and os.path.exists(path) else path
+    probe = open_predictor(options)
+    onnx = getattr(probe.runner, "path", None) if options.backend in FILE_BACKENDS else None
+    probe.close()
+    return replace(options, model=absolute(options.model), checkpoint=absolute(options.checkpoint),
+                   onnx=absolute(onnx and str(onnx)), cache_dir=os.path.abspath(options.cache_dir)), probe.image_size
 
 
 class PredictActor:
@@ -88,9 +101,7 @@ def run_ray(options: PredictOptions, data: str, output: str | Path, *, address: 
         return RunSummary(listed, listed, 0, 0, 0.0)
     cpus_per_actor = options.threads or 1
     connect(address, num_actors * cpus_per_actor + 1)
-    probe = open_predictor(options)      # input size of the runner (a file's own) before decoding starts
-    size = probe.image_size
-    probe.close()
+    options, size = _for_actors(options)
     dataset = ray.data.from_items(_source_rows(sources))
     # decoding stays in tasks of its own (different resources keep Ray from fusing it into the actors)
     decoded = dataset.map_batches(decode_rows, fn_kwargs={"size": size}, batch_size=options.batch_size,
