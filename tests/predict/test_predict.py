@@ -240,3 +240,15 @@ def test_ray_two_actors_give_the_same_rows(images, local_output, local_run, tmp_
         if row["error"] is None:
             np.testing.assert_allclose(row["topk_scores"], expected["topk_scores"], rtol=1e-4)
             np.testing.assert_allclose(row["embedding"], expected["embedding"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_part_cut_short_is_named_not_skipped(tmp_path):
+    """Ray writes files in place: one cut short by a kill must stop --resume with its name, not be ignored."""
+    from rmt_deploy.predict.output import prepare_output
+    output = tmp_path / "out.parquet"
+    output.mkdir()
+    (output / "0000_000000.parquet").write_bytes(b"PAR1 cut short")
+    (output / ".tmp-part-x.parquet").write_bytes(b"a local temporary: removed")
+    with pytest.raises(ValueError, match="0000_000000.parquet is not a complete Parquet file"):
+        prepare_output(output, resume=True)
+    assert not (output / ".tmp-part-x.parquet").exists()
