@@ -3,6 +3,7 @@ with the transform the server applies (`rmt_deploy.preprocess`), so results matc
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -13,6 +14,9 @@ import numpy as np
 from rmt_deploy.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, preprocess
 
 from .sources import Source, read_source
+
+
+DECODER_NICENESS = 10
 
 
 @dataclass
@@ -38,6 +42,12 @@ def decode_one(source: Source, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
         return f"cannot read {source.file}: {exc.strerror or exc}"
 
 
+def _below_the_runner() -> None:
+    """Worker processes yield the CPU to the runner's threads: on a busy machine a decoder preempting one
+    of them stalls the runner's whole parallel section, and batches are decoded ahead anyway."""
+    os.nice(DECODER_NICENESS)
+
+
 def decode_batch(sources: Sequence[Source], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:
     decoded = [decode_one(s, size, max_pixels) for s in sources]
     images = [d for d in decoded if isinstance(d, np.ndarray)]
@@ -58,7 +68,8 @@ def decoded_batches(sources: Sequence[Source], batch_size: int, size: int, worke
         yield from (decode_batch(c, size) for c in chunks(sources, batch_size))
         return
     # spawn: the parent has torch's thread pools running; a forked child must not inherit them
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_below_the_runner) as pool:
         pending: deque = deque()
         for chunk in chunks(sources, batch_size):
             if len(pending) >= (ahead or 2 * workers):

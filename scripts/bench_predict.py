@@ -33,21 +33,21 @@ def make_jpegs(folder: Path, count: int, fixtures: Path) -> None:
         img.save(folder / f"img_{i:05d}.jpg", quality=90)
 
 
-def bench_offline(args, backends: list[str], out: Path) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "rmt_deploy.benchmarks.cli", "--model", args.model, "--backends", ",".join(backends),
+def bench_offline(args, backends: list[str], out: Path, threads: int) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "rmt_deploy.benchmarks.cli", "--threads", str(threads), "--model", args.model, "--backends", ",".join(backends),
            "--batch-sizes", str(args.batch_size), "--img-size", str(args.image_size), "--cache-dir", args.cache_dir,
            "--warmup", "2", "--iters", str(args.bench_iters), "--repeats", "3", "--json", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return {r["backend"]: r["images_per_s"] for r in json.loads(out.read_text())["results"] if "skipped" not in r}
 
 
-def predict(args, data: Path, output: Path, backend: str, ray: bool) -> dict[str, float]:
+def predict(args, data: Path, output: Path, backend: str, ray: bool, threads: int) -> dict[str, float]:
     shutil.rmtree(output, ignore_errors=True)
     cmd = [sys.executable, "-m", "rmt_deploy.predict.cli", "--model", args.model, "--backend", backend, "--data",
            str(data), "--output", str(output), "--batch-size", str(args.batch_size), "--image-size",
-           str(args.image_size), "--cache-dir", args.cache_dir]
+           str(args.image_size), "--cache-dir", args.cache_dir, "--threads", str(threads)]
     if ray:
-        cmd += ["--ray", "--num-actors", "1", "--threads", str(args.ray_threads)]
+        cmd += ["--ray", "--num-actors", "1"]
     start = time.perf_counter()
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     process_seconds = time.perf_counter() - start
@@ -65,7 +65,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--bench-iters", type=int, default=10, help="rmt-bench's timed calls per repeat (3 repeats)")
-    ap.add_argument("--ray-threads", type=int, default=2, help="CPUs (and runner threads) of the one Ray actor")
+    ap.add_argument("--threads", default="2,1", help="runner threads to compare at, comma-separated (the first "
+                    "one also for the Ray actor's CPUs and threads)")
+    ap.add_argument("--ray-backend", default="onnxruntime")
     ap.add_argument("--cache-dir", default=".rmt_cache")
     ap.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
     ap.add_argument("--json")
@@ -73,26 +75,30 @@ def main() -> int:
     backends = args.backends.split(",")
     work = Path(tempfile.mkdtemp(prefix="rmt-predict-bench-"))
     make_jpegs(work / "jpegs", args.images, Path(args.fixtures))
+    threads = [int(t) for t in args.threads.split(",")]
     rounds = []
     for n in range(args.rounds):
-        row = {"bench": bench_offline(args, backends, work / "bench.json")}
-        for backend in backends:
-            row[f"predict-{backend}"] = predict(args, work / "jpegs", work / "out.parquet", backend, ray=False)
-        row["ray-eager"] = predict(args, work / "jpegs", work / "out.parquet", "eager", ray=True)
+        row = {}
+        for t in threads:
+            row[f"bench-t{t}"] = bench_offline(args, backends, work / "bench.json", t)
+            for backend in backends:
+                row[f"predict-{backend}-t{t}"] = predict(args, work / "jpegs", work / "out.parquet", backend, False, t)
+        row["ray"] = predict(args, work / "jpegs", work / "out.parquet", args.ray_backend, True, threads[0])
         rounds.append(row)
         print(f"round {n + 1}: {json.dumps(row)}", flush=True)
     summary = {}
-    for backend in backends:
-        ratios = [r[f"predict-{backend}"]["steady_images_per_s"] / r["bench"][backend] for r in rounds]
-        summary[backend] = {"bench_images_per_s": statistics.median(r["bench"][backend] for r in rounds),
-                            "predict_steady_images_per_s": statistics.median(
-                                r[f"predict-{backend}"]["steady_images_per_s"] for r in rounds),
-                            "predict_end_to_end_images_per_s": statistics.median(
-                                r[f"predict-{backend}"]["images_per_s"] for r in rounds),
-                            "steady_over_bench": statistics.median(ratios), "ratios": ratios}
+    for t in threads:
+        for backend in backends:
+            runs = [r[f"predict-{backend}-t{t}"] for r in rounds]
+            summary[f"{backend}-t{t}"] = {
+                "bench_images_per_s": statistics.median(r[f"bench-t{t}"][backend] for r in rounds),
+                "predict_steady_images_per_s": statistics.median(p["steady_images_per_s"] for p in runs),
+                "predict_end_to_end_images_per_s": statistics.median(p["images_per_s"] for p in runs),
+                "steady_over_bench": statistics.median(p["steady_images_per_s"] / r[f"bench-t{t}"][backend]
+                                                       for p, r in zip(runs, rounds))}
+    local = f"predict-{args.ray_backend}-t{threads[0]}"
     for key in ("seconds", "process_seconds"):       # the job alone; the whole command (start-up included)
-        ratios = [r["ray-eager"][key] / r["predict-eager"][key] for r in rounds]
-        summary[f"ray_over_local_eager_{key}"] = {"median": statistics.median(ratios), "ratios": ratios}
+        summary[f"ray_over_local_{key}"] = statistics.median(r["ray"][key] / r[local][key] for r in rounds)
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rounds": rounds, "summary": summary}, indent=2))
