@@ -20,7 +20,7 @@ class RunSummary:
     written: int            # rows written by this run
     errors: int             # of which with an error
     seconds: float
-    first_batch: tuple[int, float] | None = None    # (rows, seconds) when the first batch was done: start-up
+    steady: tuple[int, float] | None = None     # rows and seconds from the first batch done to the last
 
     @property
     def images_per_s(self) -> float:
@@ -28,10 +28,9 @@ class RunSummary:
 
     @property
     def steady_images_per_s(self) -> float | None:
-        """Images/s after the first batch (worker start-up excluded, as rmt-bench excludes warm-up)."""
-        if not self.first_batch or self.written <= self.first_batch[0] or self.seconds <= self.first_batch[1]:
-            return None
-        return (self.written - self.first_batch[0]) / (self.seconds - self.first_batch[1])
+        """Images/s between the first and the last batch: worker start-up and the final write and
+        shutdown excluded, as rmt-bench excludes warm-up (None with fewer than two batches)."""
+        return self.steady[0] / self.steady[1] if self.steady and self.steady[1] > 0 else None
 
 
 def pending_sources(data: str, output: str | Path, resume: bool) -> tuple[list[Source], int]:
@@ -55,18 +54,20 @@ def run_local(options: PredictOptions, data: str, output: str | Path, *, workers
     writer = PartWriter(output, output_schema(options, predictor.output_names), rows_per_file)
     batches = decoded_batches(sources, options.batch_size, predictor.image_size,
                               default_workers() if workers is None else workers)
-    errors, start, first = 0, time.perf_counter(), None
+    errors, start, first, last = 0, time.perf_counter(), None, None
     try:
         if progress:
             progress(0, len(sources))
         for batch in batches:
             writer.add(rows_table(predictor, batch.paths, batch.errors, batch.images))
             errors += sum(e is not None for e in batch.errors)
-            first = first or (len(batch.paths), time.perf_counter() - start)
+            last = time.perf_counter()
+            first = first or (len(batch.paths), last)
             if progress:
                 progress(len(batch.paths), len(sources))
     finally:
         writer.flush()
         batches.close()
         predictor.close()
-    return RunSummary(listed, listed - len(sources), writer.rows_written, errors, time.perf_counter() - start, first)
+    steady = (writer.rows_written - first[0], last - first[1]) if first else None
+    return RunSummary(listed, listed - len(sources), writer.rows_written, errors, time.perf_counter() - start, steady)
