@@ -637,17 +637,34 @@ class RMT(nn.Module):
         """Stage outputs before each downsample (extra-normed when present), NCHW, strides 4..32."""
         return self._stage_outputs(x, keep=True)[1]
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.silu(_tokens_linear(self.proj, x))   # BatchNorm is folded into proj
-        logits = self.head(z.mean(dim=(1, 2)))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits of final-stage tokens; ``pre_logits``: the pooled vector the classifier reads (timm's name)."""
+        pooled = F.silu(_tokens_linear(self.proj, x)).mean(dim=(1, 2))   # BatchNorm is folded into proj
+        return pooled if pre_logits else self._logits(x, pooled)
+
+    def _logits(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        logits = self.head(pooled)
         if hasattr(self, "aux_head"):
             logits = logits + 0.5 * _tokens_linear(self.aux_head, x).amax(dim=(1, 2))
         return logits
 
+    def with_embedding(self) -> "RMT":
+        """Return the pooled pre-head vector as a second output ``embedding`` next to ``logits`` (one
+        forward for both; every runner and the ONNX exporter follow ``output_names``). In place."""
+        if self.features_only:
+            raise ValueError("a features-only model has no head: its embedding is a pooled stage output")
+        self.embedding_output = True
+        self.output_names = ["logits", "embedding"]
+        return self
+
     def forward(self, x: torch.Tensor):
         if self.features_only:
             return self.forward_intermediates(x)
-        return self.forward_head(self.forward_features(x))
+        x = self.forward_features(x)
+        if getattr(self, "embedding_output", False):
+            pooled = self.forward_head(x, pre_logits=True)
+            return self._logits(x, pooled), pooled
+        return self.forward_head(x)
 
 
 # --------------------------------------------------------------------------------------------

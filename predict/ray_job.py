@@ -1,0 +1,118 @@
+"""rmt-predict --ray: the same job on Ray Data. The listed images become a dataset; Ray tasks decode
+them with the shared preprocessing; a pool of actors, each holding one runner, infers; the rows (the
+schema of the local run) are written as a folder of Parquet files."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .decode import decode_one
+from .local import RunSummary, pending_sources
+from .output import part_files
+from .predictor import FILE_BACKENDS, PredictOptions, open_predictor, rows_table
+from .sources import Source
+
+DECODE_CPUS = 0.5      # decoding one batch is light next to inferring it
+INSTALL_HINT = "pip install 'rmt-deploy[ray]'"
+
+
+class RayMissing(RuntimeError):
+    pass
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401 -- the [data] extra
+    except ImportError as exc:
+        raise RayMissing(f"--ray needs Ray Data, which is not installed here ({exc}): {INSTALL_HINT}") from exc
+    return ray
+
+
+def connect(address: str | None, cpus_needed: int) -> None:
+    """Join the cluster at ``address`` ("ray://host:10001", "host:6379" or "auto"), or start a local one
+    on 127.0.0.1 without the dashboard, with enough logical CPUs for the actors plus decoding tasks."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+
+
+def _source_rows(sources: list[Source]) -> list[dict]:
+    """Plain columns (no nulls) for the dataset: -1 offset/size for whole files, "" for no error."""
+    return [{"path": s.path, "file": os.path.abspath(s.file), "offset": -1 if s.offset is None else s.offset,
+             "size": -1 if s.size is None else s.size, "error": s.error or ""} for s in sources]
+
+
+def decode_rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """A Ray task's work: every row's (3, S, S) input (zeros where it failed) and its error ("" if none)."""
+    images, errors = [], []
+    for path, file, offset, length, error in zip(batch["path"], batch["file"], batch["offset"], batch["size"],
+                                                 batch["error"]):
+        source = Source(str(path), str(file), None if offset < 0 else int(offset), None if length < 0 else int(length),
+                        str(error) or None)
+        decoded = decode_one(source, size)
+        images.append(decoded if isinstance(decoded, np.ndarray) else np.zeros((3, size, size), np.float32))
+        errors.append("" if isinstance(decoded, np.ndarray) else decoded)
+    return {"path": batch["path"], "image": np.stack(images), "error": np.asarray(errors, dtype=object)}
+
+
+def _for_actors(options: PredictOptions) -> tuple[PredictOptions, int]:
+    """Options every actor can open wherever it runs (files by absolute path, an ONNX file exported
+    once here), and the runner's input size (a file's own), known before decoding starts."""
+    def absolute(path):
+        return os.path.abspath(path) if path and os.path.exists(path) else path
+    probe = open_predictor(options)
+    onnx = getattr(probe.runner, "path", None) if options.backend in FILE_BACKENDS else None
+    probe.close()
+    return replace(options, model=absolute(options.model), checkpoint=absolute(options.checkpoint),
+                   onnx=absolute(onnx and str(onnx)), cache_dir=os.path.abspath(options.cache_dir)), probe.image_size
+
+
+class PredictActor:
+    """One runner per actor, opened once from the options (the local run's `open_predictor`)."""
+
+    def __init__(self, options: PredictOptions):
+        self.predictor = open_predictor(options)
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        errors = [str(e) or None for e in batch["error"]]
+        ok = np.array([e is None for e in errors], dtype=bool)
+        return rows_table(self.predictor, [str(p) for p in batch["path"]], errors, batch["image"][ok])
+
+
+def run_ray(options: PredictOptions, data: str, output: str | Path, *, address: str | None = None,
+            num_actors: int = 1, gpus_per_actor: float = 0.0, resume: bool = False,
+            rows_per_file: int = 1000) -> RunSummary:
+    """Run the pending images of ``data`` on the cluster; rows land in ``output`` as Ray writes them."""
+    ray = import_ray()
+    sources, listed = pending_sources(data, output, resume)
+    start = time.perf_counter()
+    if not sources:
+        return RunSummary(listed, listed, 0, 0, 0.0)
+    cpus_per_actor = options.threads or 1
+    connect(address, num_actors * cpus_per_actor + 1)
+    options, size = _for_actors(options)
+    dataset = ray.data.from_items(_source_rows(sources))
+    # decoding stays in tasks of its own (different resources keep Ray from fusing it into the actors)
+    decoded = dataset.map_batches(decode_rows, fn_kwargs={"size": size}, batch_size=options.batch_size,
+                                  batch_format="numpy", num_cpus=DECODE_CPUS)
+    rows = decoded.map_batches(PredictActor, fn_constructor_kwargs={"options": options}, batch_size=options.batch_size,
+                               batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+                               num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
+    before = set(part_files(output))
+    rows.write_parquet(str(output), min_rows_per_file=rows_per_file)
+    new_parts = [p for p in part_files(output) if p not in before]
+    tables = [pq.read_table(p, columns=["error"]) for p in new_parts]
+    written = sum(t.num_rows for t in tables)
+    errors = written - sum(t.column("error").null_count for t in tables)
+    return RunSummary(listed, listed - len(sources), written, errors, time.perf_counter() - start)
