@@ -96,7 +96,7 @@ def test_bench_json_schema_and_figures(bench_run, tiny_config):
         elif "skipped" not in r:
             eager = next(e for e in results if e["backend"] == "eager" and e["batch_size"] == r["batch_size"])
             assert r["speedup_vs_eager_fp32"] == pytest.approx(r["images_per_s"] / eager["images_per_s"])
-    from rmt_deploy.exporters.tensorrt_build import tensorrt_available
+    from rmt_deploy.runners.tensorrt_env import tensorrt_available
     trt = [r for r in results if r["backend"] == "tensorrt"]
     assert all("skipped" in r for r in trt)     # --device cpu: TensorRT never runs
     if not tensorrt_available()[0]:

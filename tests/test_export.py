@@ -417,7 +417,7 @@ def test_random_weights_are_announced_and_recorded(export_run, tmp_path, capsys)
 
 
 def test_tensorrt_format_without_tensorrt_says_why(export_run, tmp_path):
-    from rmt_deploy.exporters.tensorrt_build import tensorrt_available
+    from rmt_deploy.runners.tensorrt_env import tensorrt_available
     if tensorrt_available()[0]:
         pytest.skip("TensorRT is present: covered by tests/test_tensorrt.py")
     _, _, config = export_run

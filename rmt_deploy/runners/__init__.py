@@ -3,7 +3,8 @@ Heavy libraries (onnxruntime, openvino, tensorrt) load only when used."""
 from __future__ import annotations
 
 from .base import INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing, infer_padded
-from .registry import Backend, backend_names, backends_for, device_kind, get_backend, precision_names
+from .registry import (Backend, backend_names, backends_for, device_kind, get_backend, precision_names,
+                       reference_backend)
 
 
 def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str = "cpu",
@@ -21,4 +22,4 @@ def unavailable_reason(backend: str, device: str, precision: str = "fp32") -> st
 
 __all__ = ["Backend", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
            "backend_names", "backends_for", "device_kind", "get_backend", "infer_padded", "open_runner",
-           "precision_names", "unavailable_reason"]
+           "precision_names", "reference_backend", "unavailable_reason"]

@@ -41,6 +41,7 @@ class Backend:
     reason: Callable[[str], str | None] = lambda device: None
     preparer: Callable | None = None
     platform: str = "custom"                        # KServe v2 / Triton platform name
+    title: str = ""                                 # the library's own name, for messages
     options: tuple[str, ...] = field(default=())     # extra keyword options `open` passes on
 
     def __post_init__(self):
@@ -55,8 +56,10 @@ class Backend:
         export or build)."""
         check_precision(precision)
         kind = device_kind(device)
+        if kind not in self.precisions:     # the backend's own words first (what is missing, how to get it)
+            return self.reason(device) or f"{self.name} does not run on {kind} devices"
         if not self.supports(device, precision):
-            offered = ", ".join(f"{k}: {'/'.join(v)}" for k, v in self.precisions.items()) or "nothing"
+            offered = ", ".join(f"{k}: {'/'.join(v)}" for k, v in self.precisions.items())
             return f"{self.name} does not run {precision} on {kind} (it runs {offered})"
         return self.reason(device)
 
@@ -125,6 +128,11 @@ def backends_for(artifact: str) -> tuple[str, ...]:
     return tuple(name for name, entry in _load_entries().items() if entry.artifact == artifact)
 
 
+def reference_backend() -> str:
+    """The backend the others are checked and compared against: the first that runs the model itself."""
+    return backends_for("model")[0]
+
+
 def precision_names() -> tuple[str, ...]:
     """Every precision some backend runs on some device, in `PRECISIONS` order."""
     from ..artifact import PRECISIONS
@@ -133,4 +141,4 @@ def precision_names() -> tuple[str, ...]:
 
 
 __all__ = ["ARTIFACT_KINDS", "Backend", "RunnerUnavailable", "backend_names", "backends_for", "device_kind",
-           "get_backend", "precision_names", "register"]
+           "get_backend", "precision_names", "reference_backend", "register"]

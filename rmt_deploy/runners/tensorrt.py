@@ -203,4 +203,4 @@ def _prepare(model, plan, cache) -> Path:
 
 
 TENSORRT = register(Backend("tensorrt", "engine", {"cuda": ("fp32", "fp16")}, _open, unavailable_reason, _prepare,
-                            platform="tensorrt_plan"))
+                            platform="tensorrt_plan", title="TensorRT"))
