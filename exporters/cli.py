@@ -17,6 +17,7 @@ from rich.table import Table
 from rmt_deploy.artifact import ExportPlan, Range
 from rmt_deploy.cli_args import (add_backend_arg, add_batch_size_arg, add_device_args, add_image_size_arg,
                                  add_model_args, add_precision_arg)
+from rmt_deploy.runners import ARTIFACT_FORMATS
 
 from .onnx_export import ATTENTION_OPSET, PORTABLE_OPSET
 
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(ap, ema_alias=True)
     ap.add_argument("--task", choices=["classify", "features"], default="classify")
     add_backend_arg(ap, sweep=True, default=[AUTO], extra_choices=(AUTO,))
-    ap.add_argument("--format", choices=["onnx", "tensorrt", "all", AUTO], help=argparse.SUPPRESS)  # old --backends
+    ap.add_argument("--format", choices=[*dict.fromkeys(ARTIFACT_FORMATS.values()), "all", AUTO],
+                    help=argparse.SUPPRESS)     # the old spelling of --backends
     add_precision_arg(ap, sweep=True, fp16_alias=True)
     add_device_args(ap, device_default=None, device_help="CUDA device engines are built on (default cuda:0)")
     batch = ap.add_mutually_exclusive_group()

@@ -14,12 +14,12 @@ from pathlib import Path
 from rmt_deploy.artifact import ArtifactDescription, ExportPlan
 from rmt_deploy.checkpoint import sha256_file
 from rmt_deploy.parity import Tolerance, check_parity, parity_inputs
-from rmt_deploy.runners import RunnerUnavailable, backends_for, get_backend, reference_backend
+from rmt_deploy.runners import (ARTIFACT_FORMATS, RunnerUnavailable, backend_packages, backends_for, get_backend,
+                                reference_backend)
 
 from .onnx_export import ATTENTION_OPSET, PORTABLE_OPSET, export_onnx, tensor_specs, write_fp16
 
 MANIFEST_NAME = "export.json"
-ARTIFACT_FORMATS = {"onnx": "onnx", "engine": "tensorrt"}    # the manifest's "format" of each artifact kind
 REFERENCE = "eager-fp32"
 
 
@@ -205,20 +205,20 @@ def parity_gate(model, manifest: Manifest, batches: list, *, rtol: float | None 
 
 
 def versions() -> dict:
+    """rmt_deploy, onnx, Python and every installed backend package."""
+    from importlib import metadata
+
     import onnx
-    import onnxruntime
-    import torch
 
     import rmt_deploy
-    found = {"rmt_deploy": rmt_deploy.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
-    try:
-        import tensorrt
-        found["tensorrt"] = tensorrt.__version__
-    except ImportError:
-        pass
+    found = {"rmt_deploy": rmt_deploy.__version__, "onnx": onnx.__version__, "python": platform.python_version()}
+    for package in backend_packages():
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
     return found
 
 
-__all__ = ["ARTIFACT_FORMATS", "MANIFEST_NAME", "Manifest", "default_opset", "export_artifacts", "gate_backend",
+__all__ = ["MANIFEST_NAME", "Manifest", "default_opset", "export_artifacts", "gate_backend",
            "gate_inputs", "parity_gate", "versions"]

@@ -3,11 +3,11 @@ Heavy libraries (onnxruntime, openvino, tensorrt) load only when used."""
 from __future__ import annotations
 
 from .base import INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing, infer_padded
-from .registry import (Backend, backend_names, backends_for, device_kind, get_backend, precision_names,
+from .registry import (ARTIFACT_FORMATS, Backend, backend_names, backend_packages, backends_for, device_kind, get_backend, precision_names,
                        reference_backend)
 
 
-def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str = "cpu",
+def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str | None = None,
                 precision: str | None = None, threads: int | None = None, **options) -> Runner:
     """Build (not yet load) the runner for ``backend``: ``get_backend(backend).open(...)`` with the
     artifact given as ``onnx=`` or ``engine=`` (the spelling before the registry)."""
@@ -20,6 +20,6 @@ def unavailable_reason(backend: str, device: str, precision: str = "fp32") -> st
     return get_backend(backend).unavailable_reason(device, precision)
 
 
-__all__ = ["Backend", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
+__all__ = ["ARTIFACT_FORMATS", "Backend", "backend_packages", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
            "backend_names", "backends_for", "device_kind", "get_backend", "infer_padded", "open_runner",
            "precision_names", "reference_backend", "unavailable_reason"]

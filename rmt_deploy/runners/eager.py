@@ -140,6 +140,7 @@ def _cuda_reason(device: str) -> str | None:
 _PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
 _OPTIONS = ("cuda_graphs", "dynamic_batch")
 EAGER = register(Backend("eager", "model", _PRECISIONS, _open, _cuda_reason, platform="pytorch_libtorch",
-                         title="PyTorch", options=_OPTIONS))
+                         title="PyTorch", packages=("torch",), options=_OPTIONS))
 COMPILE = register(Backend("compile", "model", _PRECISIONS, _open_compiled, _cuda_reason,
-                           platform="pytorch_libtorch", title="torch.compile", options=_OPTIONS))
+                           platform="pytorch_libtorch", title="torch.compile", packages=("torch",),
+                           options=_OPTIONS))

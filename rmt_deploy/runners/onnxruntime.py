@@ -101,4 +101,5 @@ def prepare_onnx(model, plan, cache) -> Path:
 
 
 ONNXRUNTIME = register(Backend("onnxruntime", "onnx", {"cpu": ("fp32", "fp16"), "cuda": ("fp32", "fp16")}, _open,
-                               unavailable_reason, prepare_onnx, platform="onnxruntime_onnx", title="ONNX Runtime"))
+                               unavailable_reason, prepare_onnx, platform="onnxruntime_onnx", title="ONNX Runtime",
+                               packages=("onnxruntime", "onnxruntime-gpu")))

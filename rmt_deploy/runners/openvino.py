@@ -141,4 +141,5 @@ def _open(*, model, artifact, device, precision, threads) -> OpenVINORunner:
 
 
 OPENVINO = register(Backend("openvino", "onnx", {"cpu": ("fp32", "fp16")}, _open, unavailable_reason, prepare_onnx,
-                            platform="openvino", title="OpenVINO"))
+                            platform="openvino", title="OpenVINO",
+                            packages=("openvino",)))

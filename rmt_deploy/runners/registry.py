@@ -16,6 +16,8 @@ from ..artifact import check_precision
 from .base import Runner, RunnerUnavailable
 
 ARTIFACT_KINDS = ("model", "onnx", "engine")
+# how rmt-export's manifest (and its old --format) names the file of each artifact kind
+ARTIFACT_FORMATS = {"onnx": "onnx", "engine": "tensorrt"}
 # runner modules that declare entries, in the order tools list backends
 _RUNNER_MODULES = ("eager", "onnxruntime", "openvino", "tensorrt")
 
@@ -42,6 +44,7 @@ class Backend:
     preparer: Callable | None = None
     platform: str = "custom"                        # KServe v2 / Triton platform name
     title: str = ""                                 # the library's own name, for messages
+    packages: tuple[str, ...] = ()                  # pip distributions it runs on (versions in reports)
     options: tuple[str, ...] = field(default=())     # extra keyword options `open` passes on
 
     def __post_init__(self):
@@ -69,10 +72,13 @@ class Backend:
         ``onnx(model, plan)`` and ``engine(model, plan)``); None for backends that run the model."""
         return None if self.preparer is None else self.preparer(model, plan, cache)
 
-    def open(self, *, model=None, artifact: str | os.PathLike | None = None, device: str = "cpu",
+    def open(self, *, model=None, artifact: str | os.PathLike | None = None, device: str | None = None,
              precision: str | None = None, threads: int | None = None, **options) -> Runner:
-        """Build (not yet load) a runner on ``model`` or ``artifact``. ``precision`` None: fp32 for a model,
-        the file's own for an artifact (given, a file of another precision is refused where it is known)."""
+        """Build (not yet load) a runner on ``model`` or ``artifact``. ``device`` None: the CPU, or the first
+        CUDA device for a backend without CPU support. ``precision`` None: fp32 for a model, the file's own
+        for an artifact (given, a file of another precision is refused where it is known)."""
+        if device is None:
+            device = "cpu" if "cpu" in self.precisions else "cuda:0"
         if precision is None:
             precision = "fp32" if self.artifact == "model" else None
         else:
@@ -133,6 +139,11 @@ def reference_backend() -> str:
     return backends_for("model")[0]
 
 
+def backend_packages() -> tuple[str, ...]:
+    """The pip distributions of every backend, once each (for the version lists of reports and manifests)."""
+    return tuple(dict.fromkeys(p for entry in _load_entries().values() for p in entry.packages))
+
+
 def precision_names() -> tuple[str, ...]:
     """Every precision some backend runs on some device, in `PRECISIONS` order."""
     from ..artifact import PRECISIONS
@@ -140,5 +151,5 @@ def precision_names() -> tuple[str, ...]:
     return tuple(p for p in PRECISIONS if p in offered)
 
 
-__all__ = ["ARTIFACT_KINDS", "Backend", "RunnerUnavailable", "backend_names", "backends_for", "device_kind",
+__all__ = ["ARTIFACT_FORMATS", "ARTIFACT_KINDS", "Backend", "backend_packages", "RunnerUnavailable", "backend_names", "backends_for", "device_kind",
            "get_backend", "precision_names", "reference_backend", "register"]

@@ -203,4 +203,5 @@ def _prepare(model, plan, cache) -> Path:
 
 
 TENSORRT = register(Backend("tensorrt", "engine", {"cuda": ("fp32", "fp16")}, _open, unavailable_reason, _prepare,
-                            platform="tensorrt_plan", title="TensorRT"))
+                            platform="tensorrt_plan", title="TensorRT",
+                            packages=("tensorrt",)))

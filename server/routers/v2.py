@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from rmt_deploy import __version__
-from rmt_deploy.runners import INPUT_NAME
+from rmt_deploy.runners import INPUT_NAME, get_backend
 
 from ..errors import ApiError, error_responses
 from ..pipeline import deadline, infer
@@ -22,8 +22,6 @@ from ..uploads import read_body
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 HEADER_LENGTH = "Inference-Header-Content-Length"
-PLATFORMS = {"eager": "pytorch_libtorch", "compile": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx",
-             "openvino": "openvino", "tensorrt": "tensorrt_plan"}
 
 
 def _inlined_schema(model) -> dict:
@@ -75,7 +73,7 @@ async def model_metadata(model_name: str, state: ServerState = Depends(server_st
     size = served.image_size
     outputs = [TensorMetadata(name=n, datatype="FP32", shape=[-1, c] if served.task == "classify" else [-1, c, -1, -1])
                for n, c in zip(served.output_names, served.output_channels)]
-    return ModelMetadata(name=served.name, versions=["1"], platform=PLATFORMS.get(served.runner.backend, "custom"),
+    return ModelMetadata(name=served.name, versions=["1"], platform=get_backend(served.runner.backend).platform,
                          inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, size, size])],
                          outputs=outputs)
 
