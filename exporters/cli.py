@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     for art in manifest.artifacts:
         console.print(f"[green]✓[/] {art['format']} {art['precision']} → {plan.output_dir / art['path']}")
     manifest.skipped = skipped
-    passed = args.skip_parity or parity_gate(model, manifest, gate_inputs(plan, real), rtol=args.rtol,
-                                             atol=args.atol, step=_step, report=console.print)
+    passed = args.skip_parity or parity_gate(model, manifest, gate_inputs(plan, real), rtol=args.rtol, atol=args.atol,
+                                             device=plan.device, threads=args.threads, step=_step,
+                                             report=console.print)
     manifest.write()
     if args.triton_repo:
         from .triton import write_triton_repo

@@ -178,15 +178,19 @@ def gate_inputs(plan: ExportPlan, images=None) -> list:
 
 
 def parity_gate(model, manifest: Manifest, batches: list, *, rtol: float | None = None, atol: float | None = None,
-                step=_no_step, report=lambda text: None) -> bool:
-    """Run every artifact of ``manifest`` against the eager fp32 model on ``batches``; each entry's
-    ``parity`` gets the summary (or the reason it could not run). True when all passed."""
+                device: str | None = None, threads: int | None = None, step=_no_step,
+                report=lambda text: None) -> bool:
+    """Run every artifact of ``manifest`` against the eager fp32 model (on the CPU) on ``batches``; each
+    entry's ``parity`` gets the summary (or the reason it could not run). True when all passed.
+    ``device``: where artifacts that do not run on the CPU (engines) run; None: their backend's default."""
     passed = True
-    reference = get_backend(reference_backend()).open(model=model).load()
+    reference = get_backend(reference_backend()).open(model=model, threads=threads).load()
     for art in manifest.artifacts:
         path = manifest.output_dir / art["path"]
+        backend = get_backend(gate_backend(art["kind"]))
         try:
-            runner = get_backend(gate_backend(art["kind"])).open(artifact=path).load()
+            runner = backend.open(artifact=path, threads=threads,
+                                  device=None if backend.supports("cpu") else device).load()
         except RunnerUnavailable as exc:
             report(f"[red]parity of {path.name} cannot run: {exc}")
             art["parity"] = {"reference": REFERENCE, "passed": False, "error": str(exc)}

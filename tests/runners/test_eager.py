@@ -2,14 +2,13 @@
 on CUDA splits its timings and matches the CPU."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
-
-import copy
 
 import numpy as np
 import pytest
