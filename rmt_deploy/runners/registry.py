@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..artifact import check_precision
@@ -45,7 +45,7 @@ class Backend:
     platform: str = "custom"                        # KServe v2 / Triton platform name
     title: str = ""                                 # the library's own name, for messages
     packages: tuple[str, ...] = ()                  # pip distributions it runs on (versions in reports)
-    options: tuple[str, ...] = field(default=())     # extra keyword options `open` passes on
+    options: tuple[str, ...] = ()                   # extra keyword options `open` passes on
 
     def __post_init__(self):
         if self.artifact not in ARTIFACT_KINDS:

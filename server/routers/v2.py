@@ -22,6 +22,7 @@ from ..uploads import read_body
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_DATATYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}    # numpy dtype -> KServe v2 datatype
 
 
 def _inlined_schema(model) -> dict:
@@ -71,8 +72,10 @@ async def ready(request: Request) -> Response:
 async def model_metadata(model_name: str, state: ServerState = Depends(server_state)) -> ModelMetadata:
     served = _model(state, model_name).model
     size = served.image_size
-    outputs = [TensorMetadata(name=n, datatype="FP32", shape=[-1, c] if served.task == "classify" else [-1, c, -1, -1])
-               for n, c in zip(served.output_names, served.output_channels)]
+    dtypes = served.artifact.output_dtypes if served.artifact else ("float32",) * len(served.output_names)
+    outputs = [TensorMetadata(name=n, datatype=_DATATYPES[dtype],
+                              shape=[-1, c] if served.task == "classify" else [-1, c, -1, -1])
+               for n, c, dtype in zip(served.output_names, served.output_channels, dtypes)]
     return ModelMetadata(name=served.name, versions=["1"], platform=get_backend(served.runner.backend).platform,
                          inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, size, size])],
                          outputs=outputs)
