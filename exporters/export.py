@@ -20,7 +20,7 @@ from rmt_deploy.runners import (ARTIFACT_FORMATS, RunnerUnavailable, backend_pac
 from .onnx_export import ATTENTION_OPSET, PORTABLE_OPSET, export_onnx, tensor_specs, write_fp16
 
 MANIFEST_NAME = "export.json"
-REFERENCE = "eager-fp32"
+EXPORTED_PRECISIONS = ("fp32", "fp16")     # the files this exporter writes (FP16 converted from FP32)
 
 
 def _no_step(text: str):
@@ -83,6 +83,9 @@ def export_artifacts(model, plan: ExportPlan, *, step=_no_step, reuse: bool = Fa
     """Write ``plan``'s artifacts of ``model`` into ``plan.output_dir``: the float32 ONNX file, FP16
     files converted from it, engines built from the ONNX file of their precision. ``step(text)`` is a
     context manager shown around each long step; ``reuse`` keeps files already there (a cache)."""
+    unknown = set(plan.precisions) - set(EXPORTED_PRECISIONS)
+    if unknown:
+        raise ValueError(f"no export route for {', '.join(sorted(unknown))} yet (exported: {', '.join(EXPORTED_PRECISIONS)})")
     out_dir, stem, opset = Path(plan.output_dir), plan.stem or default_stem(model), default_opset(plan)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = _onnx_files(model, plan, out_dir / f"{stem}_fp32.onnx", opset, step, reuse)
@@ -119,9 +122,6 @@ def _onnx_files(model, plan: ExportPlan, fp32_path: Path, opset: int, step, reus
                 tmp = files["fp16"].with_suffix(".partial.onnx")
                 write_fp16(fp32_path, tmp)
                 tmp.replace(files["fp16"])
-    unknown = set(plan.precisions) - set(files)
-    if unknown:
-        raise ValueError(f"no ONNX export route for {sorted(unknown)} yet (fp32, fp16)")
     return files
 
 
@@ -183,7 +183,7 @@ def parity_gate(model, manifest: Manifest, batches: list, *, rtol: float | None 
     """Run every artifact of ``manifest`` against the eager fp32 model (on the CPU) on ``batches``; each
     entry's ``parity`` gets the summary (or the reason it could not run). True when all passed.
     ``device``: where artifacts that do not run on the CPU (engines) run; None: their backend's default."""
-    passed = True
+    passed, label = True, f"{reference_backend()}-fp32"
     reference = get_backend(reference_backend()).open(model=model, threads=threads).load()
     for art in manifest.artifacts:
         path = manifest.output_dir / art["path"]
@@ -193,14 +193,14 @@ def parity_gate(model, manifest: Manifest, batches: list, *, rtol: float | None 
                                   device=None if backend.supports("cpu") else device).load()
         except RunnerUnavailable as exc:
             report(f"[red]parity of {path.name} cannot run: {exc}")
-            art["parity"] = {"reference": REFERENCE, "passed": False, "error": str(exc)}
+            art["parity"] = {"reference": label, "passed": False, "error": str(exc)}
             passed = False
             continue
         with step(f"Parity of {path.name} against eager fp32"):
             result = check_parity(reference, runner, batches,
                                   Tolerance.for_precision(art["precision"], rtol=rtol, atol=atol))
         runner.close()
-        art["parity"] = {**result.summary(), "reference": REFERENCE}
+        art["parity"] = {**result.summary(), "reference": label}
         if not result.passed:
             passed = False
             report(f"[red]{result.text()}")

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from rmt_deploy import create_model
-from rmt_deploy.labels import class_labels
 from rmt_deploy.artifact import ArtifactDescription
+from rmt_deploy.labels import class_labels
 from rmt_deploy.runners import Runner, get_backend, infer_padded
 
 from .settings import ServeSettings
