@@ -86,7 +86,8 @@ def add_precision_arg(parser, *, sweep: bool = False, default=("fp32",), fp16_al
     """``--precision`` (a comma list where the tool sweeps); ``fp16_alias``: the old ``--fp16`` (fp32 and fp16)."""
     kind = comma_list(choices=_precision_names) if sweep else one_of(_precision_names)
     parser.add_argument("--precision", type=kind, default=list(default) if sweep else default[0],
-                        help=("comma-separated: " if sweep else "") + "fp32, fp16 or bf16 where the backend runs it")
+                        help=("comma-separated: " if sweep else "") + f"{', '.join(_precision_names())} where the "
+                        "backend runs it")
     if fp16_alias:
         parser.add_argument("--fp16", action="store_const", const=["fp32", "fp16"], dest="precision",
                             help=argparse.SUPPRESS)
