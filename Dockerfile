@@ -1,7 +1,8 @@
 # GPU serving image: TensorRT + CUDA from NVIDIA's official container, rmt-serve as entrypoint.
 # Build:  docker build -t rmt-serve .
 # Run:    docker run --gpus all -p 8000:8000 -v $PWD/exports:/models:ro rmt-serve \
-#             --backend tensorrt --engine /models/rmt_t/rmt_t_fp16.engine   (rmt-export writes exports/<model>/)
+#             --backend tensorrt --engine /models/rmt_t/rmt_t_fp16.engine
+#         (rmt-export writes exports/<model>/<model>_<precision>.engine; RMT_HOST below binds all interfaces)
 FROM nvcr.io/nvidia/tensorrt:25.01-py3
 
 # MALLOC_ARENA_MAX: fewer glibc arenas keep the resident set from creeping up under a mix of batch

@@ -44,7 +44,7 @@ def labelled_images(root: str | Path, labels_file: str | Path | None = None) -> 
 
 
 def run_accuracy(data, model_spec, backends, precisions=("fp32",), *, batch_size: int = 32,
-                 settings: Settings | None = None, checkpoint: str | None = None, labels_file=None,
+                 settings: Settings | None = None, checkpoint: str | None = None, weights: str = "auto", labels_file=None,
                  limit: int | None = None, cache: ArtifactCache | None = None, progress=None) -> dict:
     """All runners see each decoded batch once; the last batch is zero-padded to ``batch_size``
     (padded rows dropped) so static-shape ONNX files and engines serve every batch."""
@@ -53,7 +53,7 @@ def run_accuracy(data, model_spec, backends, precisions=("fp32",), *, batch_size
     paths, labels = labelled_images(data, labels_file)
     if limit:
         paths, labels = paths[:limit], labels[:limit]
-    model = load_model(model_spec, checkpoint)
+    model = load_model(model_spec, checkpoint, weights)
     classes = model.config.num_classes
     if labels.max() >= classes:
         raise ValueError(f"labels go up to {labels.max()} but {model.config.name} has {classes} classes")

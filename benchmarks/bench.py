@@ -18,7 +18,8 @@ import torch
 from rmt_deploy import VARIANTS, create_model
 from rmt_deploy.flops import count_macs, count_params
 from rmt_deploy.model import RMTConfig
-from rmt_deploy.runners import INPUT_NAME, RunnerUnavailable, open_runner, unavailable_reason
+from rmt_deploy.artifact import ExportPlan, Range
+from rmt_deploy.runners import INPUT_NAME, RunnerUnavailable, get_backend, reference_backend
 
 from .artifacts import SEED, ArtifactCache
 from .machine import machine_info, matmul_peak
@@ -47,10 +48,10 @@ def parse_models(spec) -> list:
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
-def load_model(spec, checkpoint: str | None = None):
+def load_model(spec, checkpoint: str | None = None, weights: str = "auto"):
     """Fused eval model of a variant, config dict or JSON config file; random weights are seeded."""
     torch.manual_seed(SEED)
-    return create_model(spec, checkpoint=checkpoint)
+    return create_model(spec, checkpoint=checkpoint, weights=weights)
 
 
 def _reset_peak_rss() -> bool:
@@ -73,12 +74,12 @@ def _peak_rss_mb() -> float:
 
 
 class _Memory:
-    """Peak memory of a run: process RSS on CPU; on CUDA torch's peak reservation for the torch
-    backends, device memory in use (cudaMemGetInfo) above the pre-load baseline for the others."""
+    """Peak memory of a run: process RSS on CPU; on CUDA torch's peak reservation for the backends
+    that run the model in torch, device memory in use (cudaMemGetInfo) above the pre-load baseline for the others."""
 
     def __init__(self, device: str, backend: str):
         self.cuda = device.startswith("cuda") and torch.cuda.is_available()
-        self.torch = backend in ("eager", "compile")
+        self.torch = get_backend(backend).artifact == "model"
         if self.cuda:
             torch.cuda.synchronize()
             gc.collect()
@@ -102,27 +103,25 @@ class _Memory:
 
 
 def open_backend(backend: str, model, precision: str, batch: int, settings: Settings, cache: ArtifactCache,
-          onnx: str | None, engine: str | None):
-    if backend in ("eager", "compile"):
-        if backend == "compile":
-            torch._dynamo.reset()          # a fresh compile cache: no recompile limit carried over
-        # each runner casts/moves its own copy, leaving the shared model fp32 on CPU for exporting;
-        # compiled models run as CUDA graphs on GPUs (every call comes from this thread)
-        return open_runner(backend, model=copy.deepcopy(model), device=settings.device, precision=precision,
-                           cuda_graphs=True), None
-    reason = unavailable_reason(backend, settings.device)
+                 onnx: str | None, engine: str | None):
+    """The runner of one row and the artifact it runs (None for the model backends): a given file,
+    else the one the backend prepares through the cache. Refused before any export where it cannot run."""
+    entry = get_backend(backend)
+    reason = entry.unavailable_reason(settings.device, precision)
     if reason:            # say so before spending minutes exporting a file nothing here can run
         raise RunnerUnavailable(reason)
-    if backend in ("onnxruntime", "openvino"):
-        # on GPUs the portable graph: some onnxruntime-gpu releases run Attention nodes on the CPU
-        path = Path(onnx) if onnx else cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=precision == "fp16",
-                                                  portable=settings.device.startswith("cuda"))
-        return open_runner(backend, onnx=path, device=settings.device, threads=settings.threads), path
-    fp16 = precision == "fp16"       # tensorrt
-    path = Path(engine) if engine else cache.engine(
-        cache.onnx(model, batch_size=batch, size=settings.img_size, fp16=fp16, portable=True), batch_size=batch,
-        size=settings.img_size, fp16=fp16, device=settings.device)
-    return open_runner("tensorrt", engine=path, device=settings.device, precision=precision), path
+    if entry.artifact == "model":
+        torch._dynamo.reset()          # a fresh compile cache: no recompile limit carried over
+        # each runner casts/moves its own copy, leaving the shared model fp32 on CPU for exporting;
+        # compiled models run as CUDA graphs on GPUs (every call comes from this thread)
+        return entry.open(model=copy.deepcopy(model), device=settings.device, precision=precision,
+                          cuda_graphs=True), None
+    given = {"onnx": onnx, "engine": engine}[entry.artifact]
+    plan = ExportPlan(batch=Range.fixed(batch), height=settings.img_size, width=settings.img_size,
+                      precisions=(precision,), device=settings.device)
+    path = Path(given) if given else entry.prepare(model, plan, cache)
+    return entry.open(artifact=path, device=settings.device, threads=settings.threads,
+                      precision=None if given else precision), path
 
 
 def _check_artifact(runner, artifact, model, precision: str, batch: int, size: int) -> None:
@@ -136,8 +135,9 @@ def _check_artifact(runner, artifact, model, precision: str, batch: int, size: i
     if file_batch is not None and file_batch != batch:
         problems.append(f"it has a static batch of {file_batch}, not {batch}")
     if height is not None and width is not None and (height, width) != (size, size):
-        problems.append(f"it takes {height}x{width} inputs, not --img-size {size}")
-    named = meta.extra.get("rmt.model")
+        problems.append(f"it takes {height}x{width} inputs, not --image-size {size}")
+    described = meta.artifact
+    named = described.model if described else None
     if named and named != model.config.name and (named in VARIANTS or model.config.name in VARIANTS):
         problems.append(f"it is an export of {named}, not of --model {model.config.name}")
     classes = meta.outputs[0].shape[-1] if meta.outputs[0].name == "logits" else None
@@ -204,8 +204,8 @@ def _peaks(settings: Settings, precisions, earlier: dict | None = None) -> dict:
 
 
 def run_benchmark(models, backends, precisions=("fp32",), batch_sizes=(1, 8), settings: Settings | None = None, *,
-                  checkpoint: str | None = None, cache: ArtifactCache | None = None, onnx: str | None = None,
-                  engine: str | None = None, progress=None) -> dict:
+                  checkpoint: str | None = None, weights: str = "auto", cache: ArtifactCache | None = None,
+                  onnx: str | None = None, engine: str | None = None, progress=None) -> dict:
     """Measure every combination; returns ``{"machine", "models", "settings", "results"}`` (JSON-ready).
 
     ``progress`` is a rich Progress (or None). Backends that cannot run here stay in the results
@@ -222,7 +222,7 @@ def run_benchmark(models, backends, precisions=("fp32",), batch_sizes=(1, 8), se
     machine["matmul_peak"] = _peaks(settings, precisions)
     results, described = [], {}
     for spec in models:
-        model = load_model(spec, checkpoint)
+        model = load_model(spec, checkpoint, weights)
         macs = count_macs(model.config, settings.img_size, settings.img_size)["total"]
         described[model.config.name] = {"config": asdict(model.config), "checkpoint": model.checkpoint,
                                         "params": count_params(model.config), "macs_per_image": macs}
@@ -285,8 +285,9 @@ def _run_one(backend, model, precision, batch, settings, cache, onnx, engine, ma
 
 
 def _speedups(results: list[dict]) -> None:
+    reference = reference_backend()
     base = {(r["model"], r["batch_size"]): r["images_per_s"] for r in results
-            if r["backend"] == "eager" and r["precision"] == "fp32" and "skipped" not in r}
+            if r["backend"] == reference and r["precision"] == "fp32" and "skipped" not in r}
     for r in results:
         if "skipped" not in r:
             ref = base.get((r["model"], r["batch_size"]))

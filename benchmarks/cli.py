@@ -10,10 +10,6 @@ USAGE = """rmt-bench [options]            throughput and latency (see below)
        rmt-bench serve ...            load benchmark of a running server (rmt-bench serve -h)"""
 
 
-def _csv(kind=str):
-    return lambda text: [kind(t) for t in text.split(",") if t.strip()]
-
-
 def _at_least(low, kind=int):
     def parse(text: str):
         value = kind(text)
@@ -24,23 +20,27 @@ def _at_least(low, kind=int):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="rmt_t",
-                        help="variant names and/or config JSON paths, comma-separated (or inline JSON)")
-    parser.add_argument("--checkpoint", help="released checkpoint (any format rmt_deploy reads); one model only")
-    parser.add_argument("--backends", type=_csv(), default=["eager", "onnxruntime", "openvino"],
-                        help="comma-separated: eager, compile, onnxruntime, openvino, tensorrt")
-    parser.add_argument("--precision", type=_csv(), default=["fp32"], help="comma-separated: fp32, fp16")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, help="torch, ONNX Runtime and OpenVINO threads (default: theirs)")
+    from rmt_deploy.cli_args import add_backend_arg, add_device_args, add_image_size_arg, add_model_args, add_precision_arg
+    add_model_args(parser, several=True)
+    add_backend_arg(parser, sweep=True, default=_default_backends())
+    add_precision_arg(parser, sweep=True)
+    add_image_size_arg(parser)
+    add_device_args(parser)
     parser.add_argument("--cache-dir", default=".rmt_cache", help="where exported ONNX files and engines are kept")
     parser.add_argument("--json", help="write the full report as JSON")
 
 
+def _default_backends() -> list[str]:
+    """The reference and the backends of ONNX files: what runs on a CPU."""
+    from rmt_deploy.runners import backends_for, reference_backend
+    return [reference_backend(), *backends_for("onnx")]
+
+
 def bench_parser() -> argparse.ArgumentParser:
+    from rmt_deploy.cli_args import add_batch_size_arg
     parser = argparse.ArgumentParser(prog="rmt-bench", usage=USAGE, description=__doc__)
     _common(parser)
-    parser.add_argument("--batch-sizes", type=_csv(_at_least(1)), default=[1, 8, 64])
+    add_batch_size_arg(parser, sweep=True, default=[1, 8, 64])
     parser.add_argument("--warmup", type=_at_least(0), default=5, help="untimed calls before measuring")
     timed = parser.add_mutually_exclusive_group()
     timed.add_argument("--iters", type=_at_least(1), help="timed calls per repeat (default 20)")
@@ -55,23 +55,14 @@ def bench_parser() -> argparse.ArgumentParser:
 
 
 def accuracy_parser() -> argparse.ArgumentParser:
+    from rmt_deploy.cli_args import add_batch_size_arg
     parser = argparse.ArgumentParser(prog="rmt-bench accuracy", description=accuracy_main.__doc__)
     _common(parser)
     parser.add_argument("--data", required=True, help="ImageFolder-style directory (class sub-folders)")
     parser.add_argument("--labels", help="labels file of 'relative/path label' lines instead of sub-folders")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_batch_size_arg(parser, default=32)
     parser.add_argument("--limit", type=int, help="only the first N images")
     return parser
-
-
-def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    from rmt_deploy.runners import BACKENDS
-    args = parser.parse_args(argv)
-    for given, known, flag in ((args.backends, BACKENDS, "--backends"), (args.precision, ("fp32", "fp16"), "--precision")):
-        unknown = [g for g in given if g not in known]
-        if unknown:
-            parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    return args
 
 
 def _progress(console):
@@ -93,14 +84,14 @@ def bench_main(argv: list[str]) -> int:
     from .artifacts import ArtifactCache
     from .bench import Settings, run_benchmark
 
-    args = _parse(bench_parser(), argv)
-    settings = Settings(device=args.device, img_size=args.img_size, warmup=args.warmup,
+    args = bench_parser().parse_args(argv)
+    settings = Settings(device=args.device, img_size=args.image_size, warmup=args.warmup,
                         iters=None if args.duration else (args.iters or 20), duration=args.duration,
                         repeats=args.repeats, threads=args.threads)
     console = _console()
     with _progress(Console(stderr=True)) as progress:
         result = run_benchmark(args.model, args.backends, args.precision, args.batch_sizes, settings,
-                               checkpoint=args.checkpoint, cache=ArtifactCache(args.cache_dir), onnx=args.onnx,
+                               checkpoint=args.checkpoint, weights=args.weights, cache=ArtifactCache(args.cache_dir), onnx=args.onnx,
                                engine=args.engine, progress=progress)
     if args.paper_table:
         result["paper_table"] = rpt.paper_table(result)
@@ -123,15 +114,15 @@ def accuracy_main(argv: list[str]) -> int:
     from .artifacts import ArtifactCache
     from .bench import Settings, parse_models
 
-    args = _parse(accuracy_parser(), argv)
+    args = accuracy_parser().parse_args(argv)
     models = parse_models(args.model)
     if len(models) != 1:
         raise SystemExit("rmt-bench accuracy: give one --model")
     console = _console()
     with _progress(Console(stderr=True)) as progress:
         result = run_accuracy(args.data, models[0], args.backends, args.precision, batch_size=args.batch_size,
-                              settings=Settings(device=args.device, img_size=args.img_size, threads=args.threads),
-                              checkpoint=args.checkpoint, labels_file=args.labels, limit=args.limit,
+                              settings=Settings(device=args.device, img_size=args.image_size, threads=args.threads),
+                              checkpoint=args.checkpoint, weights=args.weights, labels_file=args.labels, limit=args.limit,
                               cache=ArtifactCache(args.cache_dir), progress=progress)
     k = result["topk"]
     table = Table(title=f"{result['model']} accuracy on {result['data']} ({result['img_size']}px)")

@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from rmt_deploy.runners import backend_packages
+
 # The peak reference: one square torch matmul per (device, precision). CPU fp32 is 1024^3 as the
 # issue asks; CPU half precision runs torch's slow reference kernels, so a smaller cube keeps it
 # affordable; GPUs need a large cube to reach their peak.
@@ -49,8 +51,8 @@ def machine_info(device: str) -> dict:
         "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") and torch.cuda.is_available() else None,
         "cuda": torch.version.cuda,
         "versions": {"python": platform.python_version(),
-                     **{d: _version(d) for d in ("rmt-deploy", "torch", "numpy", "onnx", "onnxruntime",
-                                                  "onnxruntime-gpu", "openvino", "tensorrt")}},
+                     **{d: _version(d) for d in dict.fromkeys(("rmt-deploy", "torch", "numpy", "onnx",
+                                                                *backend_packages()))}},
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # a busy machine slows every number: say how busy it was (1/5/15-minute load averages)
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -41,18 +41,11 @@ class LevelResult:
     mean_batch: float | None = None     # images per runner call, from the server's metrics
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="rmt-bench serve", description=__doc__.splitlines()[0])
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rmt-bench serve", description=__doc__.splitlines()[0], add_help=False,
+                                epilog="Every other option is the server's own (rmt-serve's settings), listed below.")
+    p.add_argument("-h", "--help", action="store_true", help="show this help and the server's options")
     p.add_argument("--url", help="target a running server instead of starting one")
-    p.add_argument("--model", default="rmt_t", help="variant or config JSON (eager/compile); files name their own")
-    p.add_argument("--checkpoint")
-    p.add_argument("--backend", default="eager", choices=["eager", "compile", "onnxruntime", "openvino", "tensorrt"])
-    p.add_argument("--onnx")
-    p.add_argument("--engine")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="inference threads, server and offline alike")
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-delay-ms", type=float, default=5.0)
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated sweep")
     p.add_argument("--requests", type=int, default=2000, help="requests at the highest concurrency; lower levels "
                                                               "send proportionally fewer (at least 50)")
@@ -60,7 +53,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--offline-seconds", type=float, default=20.0)
     p.add_argument("--api-key", help="bearer token when the server has RMT_API_KEY")
     p.add_argument("--json", help="write the results here")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str]):
+    """(options, settings): the load test's own options, and the rest as the server's settings (`ServeSettings`, the class
+    rmt-serve parses its flags into), so both take the same flags with the same checks."""
+    from pydantic_settings import CliApp
+
+    from rmt_deploy.server.settings import ServeSettings
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.help:
+        parser.print_help()
+        print("\nserver options:")
+        CliApp.run(ServeSettings, cli_args=["--help"])      # prints the server's options, exits 0
+    return args, CliApp.run(ServeSettings, cli_args=rest)
 
 
 def sample_jpegs(count: int = 16) -> list[bytes]:
@@ -75,15 +83,12 @@ def sample_jpegs(count: int = 16) -> list[bytes]:
     return images
 
 
-def offline_throughput(args, images: list[bytes]) -> tuple[float, int, str]:
-    """Images/s of the model the server would load (same loading, batch limit, input size and padding),
-    called directly on full batches of preprocessed images; also that batch size and the model's name."""
+def offline_throughput(args, settings, images: list[bytes]) -> tuple[float, int, str]:
+    """Images/s of the model the server would load (same settings, loading, batch limit, input size and
+    padding), called directly on full batches of preprocessed images; also that batch size and the model's name."""
     from rmt_deploy.server.model_host import load_served_model
-    from rmt_deploy.server.settings import ServeSettings
-    options = {"model": args.model, "checkpoint": args.checkpoint, "backend": args.backend, "onnx": args.onnx,
-               "engine": args.engine, "device": args.device, "threads": args.threads}
-    served = load_served_model(ServeSettings(**{k: v for k, v in options.items() if v is not None}))
-    size = served.max_batch_size(args.max_batch_size)
+    served = load_served_model(settings)
+    size = served.max_batch_size(settings.max_batch_size)
     batch = np.stack([preprocess(decode_image(images[i % len(images)]), served.image_size) for i in range(size)])
     try:
         served.infer(batch)
@@ -96,15 +101,19 @@ def offline_throughput(args, images: list[bytes]) -> tuple[float, int, str]:
         served.runner.close()
 
 
-def server_command(args, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", "rmt_deploy.server.cli", "--host", "127.0.0.1", "--port", str(port),
-           "--backend", args.backend, "--model", args.model, "--device", args.device,
-           "--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms),
-           "--max-queue-size", "1024", "--log-level", "warning"]
-    for flag, value in (("--checkpoint", args.checkpoint), ("--onnx", args.onnx), ("--engine", args.engine),
-                        ("--threads", args.threads)):
-        if value is not None:
-            cmd += [flag, str(value)]
+def server_command(settings, port: int) -> list[str]:
+    """rmt-serve with the settings given on this command line (as flags), on loopback, quiet."""
+    cmd = [sys.executable, "-m", "rmt_deploy.server.cli"]
+    overrides = {"host": "127.0.0.1", "port": port, "max_queue_size": 1024, "log_level": "warning"}
+    for name in sorted(settings.model_fields_set - set(overrides) - {"api_key"}):   # the key travels in RMT_API_KEY
+        value = getattr(settings, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            cmd.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            cmd += [flag, json.dumps(value) if isinstance(value, list) else str(value)]
+    for name, value in overrides.items():
+        cmd += ["--" + name.replace("_", "-"), str(value)]
     return cmd
 
 
@@ -160,11 +169,11 @@ async def run_level(url: str, images: list[bytes], concurrency: int, total: int,
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    args, settings = parse_args(argv)
     images = sample_jpegs()
     levels = [int(c) for c in args.concurrency.split(",")]
-    offline_before, batch_size, name = offline_throughput(args, images)
-    print(f"offline {args.backend} runner, batch {batch_size}: {offline_before:.1f} images/s")
+    offline_before, batch_size, name = offline_throughput(args, settings, images)
+    print(f"offline {settings.backend} runner, batch {batch_size}: {offline_before:.1f} images/s")
 
     process = None
     url = args.url
@@ -173,7 +182,7 @@ def main(argv: list[str]) -> int:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
-        process = subprocess.Popen(server_command(args, port))
+        process = subprocess.Popen(server_command(settings, port))
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         wait_ready(url, process)
@@ -196,9 +205,9 @@ def main(argv: list[str]) -> int:
         if process is not None:
             process.terminate()
             process.wait(60)
-    offline_after = offline_throughput(args, images)[0]
+    offline_after = offline_throughput(args, settings, images)[0]
     offline = (offline_before + offline_after) / 2
-    print(f"offline {args.backend} runner after the server run: {offline_after:.1f} images/s")
+    print(f"offline {settings.backend} runner after the server run: {offline_after:.1f} images/s")
 
     saturated = max(r.throughput for r in results)
     ratio = saturated / offline
@@ -207,7 +216,7 @@ def main(argv: list[str]) -> int:
                "offline_before_after": [offline_before, offline_after],
                "server_saturation_req_per_s": saturated, "server_over_offline": ratio,
                "errors": errors, "server_rss_growth_mb": rss_growth_mb,
-               "max_batch_size": batch_size, "model": name, "backend": args.backend}
+               "max_batch_size": batch_size, "model": name, "backend": settings.backend}
     print(f"saturation: {saturated:.1f} req/s = {ratio:.0%} of offline; errors {errors}; "
           + (f"server RSS growth {rss_growth_mb:.1f} MB" if rss_growth_mb is not None else "RSS not measured (--url)"))
     if args.json:

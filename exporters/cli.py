@@ -6,65 +6,39 @@ artifact makes the command exit non-zero after writing the manifest and a per-ou
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from rmt_deploy.artifact import ExportPlan, Range
+from rmt_deploy.cli_args import (add_backend_arg, add_batch_size_arg, add_device_args, add_image_size_arg,
+                                 add_model_args, add_precision_arg)
+from rmt_deploy.runners import ARTIFACT_FORMATS
+
 from .onnx_export import ATTENTION_OPSET, PORTABLE_OPSET
 
 console = Console(stderr=True)
-
-
-@dataclass(frozen=True)
-class Range:
-    """MIN:OPT:MAX of a dynamic axis (a static axis has min == opt == max)."""
-
-    min: int
-    opt: int
-    max: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Range":
-        try:
-            lo, opt, hi = (int(v) for v in text.split(":"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX, got {text!r}") from None
-        if not 0 < lo <= opt <= hi:
-            raise argparse.ArgumentTypeError(f"need 0 < MIN <= OPT <= MAX, got {text!r}")
-        return cls(lo, opt, hi)
-
-    @classmethod
-    def fixed(cls, value: int) -> "Range":
-        return cls(value, value, value)
-
-    @property
-    def dynamic(self) -> bool:
-        return self.min != self.max
+AUTO = "auto"
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rmt-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="rmt_t",
-                    help="rmt_t, rmt_s, rmt_b, rmt_l, auto (inferred from --checkpoint) or a config JSON file")
-    ap.add_argument("--checkpoint", help="released checkpoint (any format); without it: random weights")
-    ap.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                    help="use the EMA weights (default: EMA when present, raw for RMT-T)")
+    add_model_args(ap, ema_alias=True)
     ap.add_argument("--task", choices=["classify", "features"], default="classify")
-    ap.add_argument("--format", choices=["onnx", "tensorrt", "all", "auto"], default="auto",
-                    help="auto: TensorRT too when TensorRT and a CUDA GPU are present")
-    ap.add_argument("--fp16", action="store_true", help="also produce FP16 artifacts")
+    add_backend_arg(ap, sweep=True, default=[AUTO], extra_choices=(AUTO,))
+    ap.add_argument("--format", choices=[*dict.fromkeys(ARTIFACT_FORMATS.values()), "all", AUTO],
+                    help=argparse.SUPPRESS)     # the old spelling of --backends
+    add_precision_arg(ap, sweep=True, fp16_alias=True)
+    add_device_args(ap, device_default=None, device_help="CUDA device engines are built on (default cuda:0)")
     batch = ap.add_mutually_exclusive_group()
-    batch.add_argument("--batch-size", type=int, default=1, help="static batch size (default 1)")
+    add_batch_size_arg(batch)
     batch.add_argument("--dynamic-batch", type=Range.parse, metavar="MIN:OPT:MAX")
-    ap.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="S", help="S, or H W")
+    add_image_size_arg(ap, pair=True)
     ap.add_argument("--dynamic-hw", type=Range.parse, metavar="MIN:OPT:MAX",
                     help="dynamic height and width (e.g. for detection features)")
     ap.add_argument("--opset", type=int, help=f"ONNX opset (17+); default {ATTENTION_OPSET} (fused Attention "
@@ -80,177 +54,113 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-
-    import rmt_deploy
-    versions = {"rmt_deploy": rmt_deploy.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
-    try:
-        import tensorrt
-        versions["tensorrt"] = tensorrt.__version__
-    except ImportError:
-        pass
-    return versions
+def _format_backends(fmt: str) -> list[str]:
+    """The old ``--format`` as backends: onnx, tensorrt / all (ONNX and engines), auto."""
+    from rmt_deploy.runners import backends_for
+    return {"onnx": list(backends_for("onnx")), AUTO: [AUTO]}.get(fmt, [*backends_for("onnx"), *backends_for("engine")])
 
 
-def _resolve_format(fmt: str) -> tuple[list[str], str | None]:
-    from .tensorrt_build import tensorrt_available
-    ok, reason = tensorrt_available()
-    if fmt == "auto":
-        return (["onnx", "tensorrt"], None) if ok else (["onnx"], f"TensorRT engines skipped: {reason}")
-    if fmt in ("tensorrt", "all") and not ok:
-        raise SystemExit(f"rmt-export: --format {fmt} needs TensorRT: {reason}")
-    return (["onnx", "tensorrt"] if fmt in ("tensorrt", "all") else ["onnx"]), None
+def resolve_kinds(backends: list[str], device: str) -> tuple[tuple[str, ...], str | None]:
+    """Artifact kinds to write for ``--backends`` (ONNX always: engines are built from it), and why
+    auto left engines out. A named backend that cannot run here is an error."""
+    from rmt_deploy.runners import backends_for, get_backend
+    if AUTO in backends:
+        reasons = [get_backend(b).unavailable_reason(device) for b in backends_for("engine")]
+        skipped = next((r for r in reasons if r), None)
+        return (("onnx",) if skipped else ("onnx", "engine")), (skipped and f"TensorRT engines skipped: {skipped}")
+    kinds = {"onnx"}
+    for name in backends:
+        entry = get_backend(name)
+        if entry.artifact == "engine" and (reason := entry.unavailable_reason(device)):
+            raise SystemExit(f"rmt-export: --backends {name} needs {entry.title}: {reason}")
+        kinds.add(entry.artifact)
+    return tuple(k for k in ("onnx", "engine") if k in kinds), None
+
+
+def plan_from_args(args, out_dir: Path) -> tuple[ExportPlan, str | None]:
+    if len(args.image_size) not in (1, 2):
+        raise SystemExit("rmt-export: --image-size takes S or H W")
+    height, width = (args.image_size * 2)[:2]
+    device = args.device or "cuda:0"
+    kinds, skipped = resolve_kinds(_format_backends(args.format) if args.format else args.backends, device)
+    plan = ExportPlan(batch=args.dynamic_batch or Range.fixed(args.batch_size), height=height, width=width,
+                      dynamic_hw=args.dynamic_hw, precisions=tuple(dict.fromkeys(args.precision)), kinds=kinds,
+                      opset=args.opset, portable=bool(args.triton_repo), device=device,
+                      workspace_gb=args.workspace_gb, output_dir=out_dir)
+    return plan, skipped
 
 
 def _step(progress_text: str):
     return console.status(f"[bold cyan]{progress_text}...", spinner="dots")
 
 
+def _real_images(args, plan: ExportPlan):
+    from rmt_deploy.preprocess import image_files, load_images
+    files = image_files(args.images)
+    if not files:
+        raise ValueError(f"no images found in {args.images}")
+    h, w = (plan.dynamic_hw.opt,) * 2 if plan.dynamic_hw else (plan.height, plan.width)
+    real = load_images(files, min(h, w))
+    if real.shape[-2:] != (h, w):
+        console.print("[yellow]--images: skipped (non-square export size; images are centre-cropped square)")
+        return None
+    return real
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rmt_deploy import create_model
-    from rmt_deploy.checkpoint import CheckpointError, sha256_file
-    from rmt_deploy.parity import Tolerance, check_parity, parity_inputs
-    from rmt_deploy.preprocess import image_files, load_images
-    from rmt_deploy.runners import RunnerUnavailable, open_runner
+    from rmt_deploy.checkpoint import CheckpointError
 
-    from .onnx_export import ExportError, export_onnx, tensor_specs, write_fp16
+    from .export import export_artifacts, gate_inputs, parity_gate
+    from .onnx_export import ExportError
 
-    if len(args.img_size) not in (1, 2):
-        raise SystemExit("rmt-export: --img-size takes S or H W")
-    height, width = (args.img_size * 2)[:2]
-    batch = args.dynamic_batch or Range.fixed(args.batch_size)
-    hw = args.dynamic_hw
-    formats, skipped = _resolve_format(args.format)
-    portable = "tensorrt" in formats or args.triton_repo    # Triton's onnxruntime may predate Attention (1.23)
-    if args.opset is None:
-        args.opset = PORTABLE_OPSET if portable else ATTENTION_OPSET
-    elif args.opset >= ATTENTION_OPSET and portable:
-        console.print(f"[yellow]--opset {args.opset}: attention exports as 3-D ONNX Attention nodes, which onnxruntime "
+    started = time.perf_counter()
+    try:
+        with _step("Loading the model"):
+            model = create_model(args.model, checkpoint=args.checkpoint, features_only=args.task == "features",
+                                 weights=args.weights)
+    except (CheckpointError, ValueError) as exc:
+        console.print(f"[red]rmt-export: {exc}")
+        return 2
+    plan, skipped = plan_from_args(args, args.output or Path("exports") / model.config.name)
+    _warn(args, plan, skipped)
+    try:
+        manifest = export_artifacts(model, plan, step=_step)
+        real = _real_images(args, plan) if args.images else None
+    except ExportError as exc:
+        console.print(f"[red]rmt-export: {exc}")
+        return 1
+    except ValueError as exc:
+        console.print(f"[red]rmt-export: {exc}")
+        return 2
+    for art in manifest.artifacts:
+        console.print(f"[green]✓[/] {art['format']} {art['precision']} → {plan.output_dir / art['path']}")
+    manifest.skipped = skipped
+    passed = args.skip_parity or parity_gate(model, manifest, gate_inputs(plan, real), rtol=args.rtol, atol=args.atol,
+                                             device=plan.device, threads=args.threads, step=_step,
+                                             report=console.print)
+    manifest.write()
+    if args.triton_repo:
+        from .triton import write_triton_repo
+        for model_dir in write_triton_repo(args.triton_repo, plan.output_dir, manifest.to_dict()):
+            console.print(f"[green]✓[/] Triton model → {model_dir}")
+    _print_table(manifest.to_dict(), plan.output_dir, time.perf_counter() - started)
+    return 0 if passed else 1
+
+
+def _warn(args, plan: ExportPlan, skipped: str | None) -> None:
+    from .export import default_opset
+    opset = default_opset(plan)
+    if args.opset is not None and opset >= ATTENTION_OPSET and (plan.portable or "engine" in plan.kinds):
+        console.print(f"[yellow]--opset {opset}: attention exports as 3-D ONNX Attention nodes, which onnxruntime "
                       f"before 1.23 cannot run and TensorRT (Attention importer since 10.14) is untested with "
                       f"(--opset {PORTABLE_OPSET} is the portable graph)")
     if skipped:
         console.print(f"[yellow]{skipped}; exporting ONNX only")
-    weights = "auto" if args.ema is None else ("ema" if args.ema else "model")
-    started = time.perf_counter()
-    try:
-        with _step("Loading the model"):
-            model = create_model(args.model, checkpoint=args.checkpoint,
-                                 features_only=args.task == "features", weights=weights)
-    except (CheckpointError, ValueError) as exc:
-        console.print(f"[red]rmt-export: {exc}")
-        return 2
-    name = model.config.name
-    out_dir = args.output or Path("exports") / name
-    out_dir.mkdir(parents=True, exist_ok=True)
     if args.checkpoint is None:
         console.print(Panel("No --checkpoint: the model has RANDOM WEIGHTS. Its artifacts are fit for "
                             "benchmarking only; the manifest records this.", title="WARNING", style="bold red"))
-    stem = name if args.task == "classify" else f"{name}_features"
-    opt_h, opt_w = (hw.opt, hw.opt) if hw else (height, width)
-    precisions = ["fp32", "fp16"] if args.fp16 else ["fp32"]
-    artifacts: list[dict] = []
-    try:
-        with _step(f"Exporting {stem} to ONNX (fp32, opset {args.opset})"):
-            fp32_onnx = export_onnx(model, out_dir / f"{stem}_fp32.onnx", batch_size=batch.opt,
-                                    dynamic_batch=batch.dynamic, height=opt_h, width=opt_w,
-                                    dynamic_hw=bool(hw), opset=args.opset,
-                                    max_batch=batch.max, hw_range=(hw.min, hw.max) if hw else (32, 2048))
-        console.print(f"[green]✓[/] ONNX fp32 → {fp32_onnx}")
-        onnx_files = {"fp32": fp32_onnx}
-        if args.fp16:
-            with _step("Converting to FP16 (LayerNorm, attention softmax, decay bias kept in FP32)"):
-                onnx_files["fp16"] = write_fp16(fp32_onnx, out_dir / f"{stem}_fp16.onnx")
-            console.print(f"[green]✓[/] ONNX fp16 → {onnx_files['fp16']}")
-    except ExportError as exc:
-        console.print(f"[red]rmt-export: {exc}")
-        return 1
-    for precision in precisions:
-        artifacts.append({"format": "onnx", "precision": precision, "file": onnx_files[precision]})
-    if "tensorrt" in formats:
-        from .tensorrt_build import build_engine
-        def shape(b: int, side: int) -> tuple[int, int, int, int]:
-            return (b, 3, side, side) if hw else (b, 3, height, width)
-
-        for precision in precisions:
-            engine = out_dir / f"{stem}_{precision}.engine"
-            with _step(f"Building the TensorRT {precision} engine (minutes)"):
-                build_engine(onnx_files[precision], engine, fp16=precision == "fp16",
-                             min_shape=shape(batch.min, hw.min if hw else 0), opt_shape=shape(batch.opt, opt_h),
-                             max_shape=shape(batch.max, hw.max if hw else 0), workspace_gb=args.workspace_gb,
-                             timing_cache=out_dir / "timing.cache",
-                             metadata={"rmt.model": name, "rmt.task": args.task, "rmt.height": str(opt_h),
-                                       "rmt.width": str(opt_w), "rmt.num_classes": str(model.config.num_classes)})
-            console.print(f"[green]✓[/] TensorRT {precision} → {engine}")
-            artifacts.append({"format": "tensorrt", "precision": precision, "file": engine})
-
-    real = None
-    if args.images:
-        files = image_files(args.images)
-        if not files:
-            console.print(f"[red]rmt-export: no images found in {args.images}")
-            return 2
-        real = load_images(files, opt_h if opt_h == opt_w else min(opt_h, opt_w))
-        if real.shape[-2:] != (opt_h, opt_w):
-            console.print("[yellow]--images: skipped (non-square export size; images are centre-cropped square)")
-            real = None
-    batches = parity_inputs(batch.opt, opt_h, opt_w, images=real)
-    if batch.dynamic and batch.min != batch.opt:
-        batches.append(parity_inputs(batch.min, opt_h, opt_w, seed=1, count=1)[0])
-    if hw:
-        odd = min(hw.max, opt_h + 13)
-        batches.append(parity_inputs(batch.opt, odd, min(hw.max, opt_w + 7), seed=2, count=1)[0])
-    failed = False
-    reference = open_runner("eager", model=model).load()
-    for art in artifacts:
-        path = art.pop("file")
-        inputs, outputs = tensor_specs(path) if art["format"] == "onnx" else tensor_specs(onnx_files[art["precision"]])
-        art.update({"path": path.name, "sha256": sha256_file(path), "inputs": inputs, "outputs": outputs})
-        if batch.dynamic:
-            art["max_batch"] = batch.max
-        if args.skip_parity:
-            art["parity"] = None
-            continue
-        try:
-            backend = "onnxruntime" if art["format"] == "onnx" else "tensorrt"
-            runner = open_runner(backend, onnx=path if backend == "onnxruntime" else None,
-                                 engine=path if backend == "tensorrt" else None).load()
-        except RunnerUnavailable as exc:
-            console.print(f"[red]parity of {path.name} cannot run: {exc}")
-            art["parity"] = {"reference": "eager-fp32", "passed": False, "error": str(exc)}
-            failed = True
-            continue
-        with _step(f"Parity of {path.name} against eager fp32"):
-            report = check_parity(reference, runner, batches,
-                                  Tolerance.for_precision(art["precision"], rtol=args.rtol, atol=args.atol))
-        runner.close()
-        summary = report.summary()
-        summary["reference"] = "eager-fp32"
-        art["parity"] = summary
-        if not report.passed:
-            failed = True
-            console.print(f"[red]{report.text()}")
-    manifest = {
-        "model": name, "task": args.task,
-        "checkpoint": model.checkpoint,
-        "random_weights": model.checkpoint is None,
-        "config": asdict(model.config),
-        "input_size": {"height": "dynamic" if hw else height, "width": "dynamic" if hw else width},
-        "batch": {"min": batch.min, "opt": batch.opt, "max": batch.max, "dynamic": batch.dynamic},
-        "opset": args.opset, "versions": _versions(), "artifacts": artifacts,
-        "skipped": skipped,
-    }
-    (out_dir / "export.json").write_text(json.dumps(manifest, indent=2, default=str))
-    if args.triton_repo:
-        from .triton import write_triton_repo
-        for model_dir in write_triton_repo(args.triton_repo, out_dir, manifest):
-            console.print(f"[green]✓[/] Triton model → {model_dir}")
-    _print_table(manifest, out_dir, time.perf_counter() - started)
-    return 1 if failed else 0
 
 
 def _fmt(value, spec: str) -> str:

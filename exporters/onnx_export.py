@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from ..artifact import ArtifactDescription, Range
 from ..model import RMT
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,9 @@ class ExportError(RuntimeError):
 
 def export_onnx(model: RMT, path: str | Path, *, batch_size: int = 1, dynamic_batch: bool = False,
                 height: int = 224, width: int = 224, dynamic_hw: bool = False, opset: int = ATTENTION_OPSET,
-                fp16: bool = False, simplify: bool = True, metadata: dict[str, str] | None = None,
                 max_batch: int = 1024, hw_range: tuple[int, int] = (32, 2048)) -> Path:
-    """Export ``model`` to ``path`` (input ``images``; outputs ``logits`` or ``stage1..4``).
-
-    With ``fp16`` a float32 graph is exported first and converted (see `convert_fp16`); the
-    returned path is the FP16 file and the FP32 one is not kept.
-    """
+    """Export ``model`` to a float32 ``path`` (input ``images``; outputs ``logits`` or ``stage1..4``),
+    described by its `ArtifactDescription` in the metadata. FP16 files are converted from it (`write_fp16`)."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset {MIN_OPSET}+")
     path = Path(path)
@@ -87,17 +84,11 @@ def export_onnx(model: RMT, path: str | Path, *, batch_size: int = 1, dynamic_ba
                               f"({'dynamic' if dims else 'static'} shapes): {exc}") from exc
         finally:
             quiet.setLevel(level)
-    proto = program.model_proto
-    if simplify:
-        proto = _simplify(proto)
-    _set_metadata(proto, {"rmt.model": model.config.name,
-                          "rmt.task": "features" if model.features_only else "classify",
-                          "rmt.height": "dynamic" if dynamic_hw else str(height),
-                          "rmt.width": "dynamic" if dynamic_hw else str(width),
-                          "rmt.num_classes": str(0 if model.features_only else model.config.num_classes),
-                          "rmt.precision": "fp16" if fp16 else "fp32", **(metadata or {})})
-    if fp16:
-        proto = convert_fp16(proto)
+    proto = _simplify(program.model_proto)
+    batch = Range(1, batch_size, max_batch) if dynamic_batch else Range.fixed(batch_size)
+    description = ArtifactDescription.from_model(model, height=None if dynamic_hw else height,
+                                                 width=None if dynamic_hw else width, batch=batch)
+    _set_metadata(proto, description.to_metadata())
     onnx.save(proto, path)
     check_onnx(path, static_tables=not dynamic_hw)
     return path
@@ -107,8 +98,8 @@ def write_fp16(fp32_path: str | Path, fp16_path: str | Path) -> Path:
     """FP16 copy of an exported FP32 file (no second trace)."""
     proto = convert_fp16(onnx.load(str(fp32_path)))
     onnx.save(proto, str(fp16_path))
-    static = all(p.value != "dynamic" for p in proto.metadata_props if p.key == "rmt.height")
-    check_onnx(fp16_path, static_tables=static)
+    description = describe(proto)
+    check_onnx(fp16_path, static_tables=description is None or description.height is not None)
     return Path(fp16_path)
 
 
@@ -154,8 +145,15 @@ def convert_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.value_info[:]     # stale float32 annotations; shape inference recomputes them
     sorted_model = OnnxModel(out)   # the converter appends its Casts out of order
     sorted_model.topological_sort()
-    _set_metadata(sorted_model.model, {"rmt.precision": "fp16"})
+    description = describe(sorted_model.model)
+    if description is not None:
+        _set_metadata(sorted_model.model, description.with_precision("fp16").to_metadata())
     return sorted_model.model
+
+
+def describe(proto: onnx.ModelProto) -> ArtifactDescription | None:
+    """The artifact description an exported file carries in its metadata."""
+    return ArtifactDescription.from_metadata({p.key: p.value for p in proto.metadata_props})
 
 
 def _drop_repeated_casts(proto: onnx.ModelProto) -> None:

@@ -4,7 +4,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-_PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
+from rmt_deploy.runners import get_backend
+
+from .export import gate_backend
+
+_FILENAMES = {"onnx": "model.onnx", "engine": "model.plan"}     # Triton's default model file per artifact kind
+_GPU_ONLY_PLATFORM = "tensorrt_plan"
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 
 
@@ -29,7 +34,7 @@ def config_pbtxt(name: str, platform: str, inputs: list[dict], outputs: list[dic
         preferred = ", ".join(str(b) for b in preferred_batch if b <= max_batch)
         text += (f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
                  f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n")
-    kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO"
+    kind = "KIND_GPU" if platform == _GPU_ONLY_PLATFORM else "KIND_AUTO"
     return text + f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]\n"
 
 
@@ -38,7 +43,8 @@ def write_triton_repo(repo: str | Path, export_dir: str | Path, manifest: dict) 
     repo, export_dir = Path(repo), Path(export_dir)
     written = []
     for art in manifest["artifacts"]:
-        platform, filename = _PLATFORMS[art["format"]]
+        # the platform of the backend rmt-export's gate runs this kind on (Triton's backend for it)
+        platform, filename = get_backend(gate_backend(art["kind"])).platform, _FILENAMES[art["kind"]]
         name = f'{manifest["model"]}_{manifest["task"]}_{art["format"]}_{art["precision"]}'
         max_batch = art.get("max_batch") or 0      # static-batch artifacts: full shapes, no batching
         model_dir = repo / name

@@ -9,7 +9,9 @@ against `torch.utils.flop_counter` run on a plain implementation of the spec.
 """
 from __future__ import annotations
 
-from .model import RMTConfig, unfused_param_count
+import torch
+
+from .model import RMT, RMTConfig
 
 
 def _half(n: int) -> int:
@@ -44,5 +46,8 @@ def count_macs(config: RMTConfig, height: int = 224, width: int = 224) -> dict[s
 
 
 def count_params(config: RMTConfig) -> int:
-    """Parameters of the released layout (buffers excluded), as the spec's table counts them."""
-    return unfused_param_count(config)
+    """Parameters of the released layout (buffers excluded), as the paper and the spec's table count them
+    (built on the meta device: no memory, no initialisation)."""
+    with torch.device("meta"):
+        model = RMT(config)
+    return sum(p.numel() for p in model.parameters())

@@ -37,7 +37,6 @@ from torch import nn
 
 __all__ = [
     "RMT", "RMTConfig", "VARIANTS", "RELEASED_NAMES", "build_model", "checkpoint_filter_fn",
-    "unfused_param_count",
 ]
 
 
@@ -708,13 +707,6 @@ def build_model(config: RMTConfig, features_only: bool = False) -> RMT:
             nn.init.trunc_normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
     return model
-
-
-def unfused_param_count(config: RMTConfig) -> int:
-    """Parameters of the released layout (what the paper and the spec count)."""
-    with torch.device("meta"):
-        model = RMT(config)
-    return sum(p.numel() for p in model.parameters())
 
 
 def _variant(name, dims, depths, heads, ranges, mlp, decomposed, layerscale) -> RMTConfig:

@@ -1,6 +1,6 @@
 """CPU speed targets of the core and benchmark issues, measured interleaved in one process.
 
-eager fp32, ONNX Runtime fp32 and (when installed) OpenVINO fp32 on rmt_t at batch 1 and 8,
+eager fp32 and every ONNX backend the registry has (ONNX Runtime, OpenVINO when installed), fp32, on rmt_t at batch 1 and 8,
 224x224, the runtimes on the static-shape exports rmt-bench uses (its artifact cache), against a
 1024x1024x1024 torch matmul timed in the same process (warm, median of 10 per round); each round
 times every variant once (after a short pause, so one runtime's spinning worker threads do not
@@ -20,7 +20,8 @@ import torch
 from rmt_deploy.benchmarks.artifacts import ArtifactCache
 from rmt_deploy.benchmarks.bench import load_model
 from rmt_deploy.flops import count_macs
-from rmt_deploy.runners import RunnerUnavailable, open_runner
+from rmt_deploy.artifact import ExportPlan, Range
+from rmt_deploy.runners import RunnerUnavailable, backends_for, get_backend, reference_backend
 
 BATCHES = (1, 8)
 
@@ -32,12 +33,14 @@ def main() -> None:
     args = ap.parse_args()
     model = load_model("rmt_t")
     macs = count_macs(model.config)["total"]
-    files = {bs: ArtifactCache(args.cache_dir).onnx(model, batch_size=bs, size=224) for bs in BATCHES}
-    eager = open_runner("eager", model=model).load()
-    runners = {("eager", bs): eager for bs in BATCHES}
-    for backend in ("onnxruntime", "openvino"):
+    cache, reference = ArtifactCache(args.cache_dir), reference_backend()
+    eager = get_backend(reference).open(model=model).load()
+    runners = {(reference, bs): eager for bs in BATCHES}
+    for backend in backends_for("onnx"):
+        entry = get_backend(backend)
         try:
-            runners.update({(backend, bs): open_runner(backend, onnx=files[bs]).load() for bs in BATCHES})
+            runners.update({(backend, bs): entry.open(artifact=entry.prepare(
+                model, ExportPlan(batch=Range.fixed(bs)), cache)).load() for bs in BATCHES})
         except RunnerUnavailable as exc:
             print(f"{backend} skipped: {exc}")
     inputs = {bs: np.random.default_rng(0).standard_normal((bs, 3, 224, 224), dtype=np.float32) for bs in BATCHES}
@@ -64,9 +67,9 @@ def main() -> None:
     ips = {k: statistics.median(v) for k, v in runs.items()}
     for (name, bs), value in ips.items():
         print(f"{name:12s} batch {bs}: {value:6.2f} images/s  {2 * macs * value / 1e9 / peak:6.1%} of peak")
-    for name in dict.fromkeys(name for name, _ in runners if name != "eager"):
+    for name in dict.fromkeys(name for name, _ in runners if name != reference):
         for bs in BATCHES:
-            print(f"{name} / eager at batch {bs}: {ips[(name, bs)] / ips[('eager', bs)]:.2f}x")
+            print(f"{name} / {reference} at batch {bs}: {ips[(name, bs)] / ips[(reference, bs)]:.2f}x")
 
 
 if __name__ == "__main__":

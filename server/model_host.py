@@ -7,12 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from rmt_deploy import create_model
+from rmt_deploy.artifact import ArtifactDescription
 from rmt_deploy.labels import class_labels
-from rmt_deploy.runners import Runner, infer_padded, open_runner
+from rmt_deploy.runners import Runner, get_backend, infer_padded
 
 from .settings import ServeSettings
-
-STAGE_STRIDES = (4, 8, 16, 32)
 
 
 @dataclass
@@ -25,10 +24,12 @@ class ServedModel:
     output_names: list[str]
     output_channels: list[int]
     static_batch: int | None = None     # an ONNX file / engine exported for exactly this batch size
+    artifact: ArtifactDescription | None = None
 
     @property
     def strides(self) -> dict[str, int]:
-        return dict(zip(self.output_names, STAGE_STRIDES)) if self.task == "features" else {}
+        strides = self.artifact.output_strides if self.artifact else ()
+        return dict(zip(self.output_names, strides)) if self.task == "features" else {}
 
     def max_batch_size(self, requested: int) -> int:
         """The largest batch the server may form: a static-batch file fixes it."""
@@ -60,37 +61,27 @@ def _served_size(height, width, requested: int) -> int:
 
 def load_served_model(settings: ServeSettings) -> ServedModel:
     """Build and load the runner. Raises CheckpointError / RunnerUnavailable / ValueError for the CLI."""
-    static_batch = None
-    if settings.backend in ("eager", "compile"):
-        if settings.threads:
-            import torch
-            torch.set_num_threads(settings.threads)
+    backend = get_backend(settings.backend)
+    if backend.artifact == "model":
         model = create_model(settings.model, checkpoint=settings.checkpoint and str(settings.checkpoint),
-                             features_only=settings.task == "features")
+                             features_only=settings.task == "features", weights=settings.weights)
         # the batcher forms every size up to --max-batch-size: compile them as one dynamic-batch graph
-        runner = open_runner(settings.backend, model=model, device=settings.device, precision=settings.precision,
-                             dynamic_batch=True)
-        runner.load()
-        task, size = settings.task, settings.image_size
-        name = settings.model_name or model.config.name
-        num_classes = model.config.num_classes
-        outputs, channels = list(model.output_names), (
-            [num_classes] if task == "classify" else list(model.stage_channels))
+        runner = backend.open(model=model, device=settings.device, precision=settings.precision,
+                              threads=settings.threads, dynamic_batch=True).load()
+        described = runner.metadata().artifact
+        size, static_batch = settings.image_size, None
+        channels = [described.num_classes] if described.task == "classify" else list(model.stage_channels)
     else:
-        runner = open_runner(settings.backend, onnx=settings.onnx, engine=settings.engine, device=settings.device,
-                             threads=settings.threads)
-        runner.load()
-        meta = runner.metadata()
-        extra = meta.extra
+        runner = backend.open(artifact=getattr(settings, backend.artifact), device=settings.device,
+                              threads=settings.threads).load()
         if "precision" in settings.model_fields_set and settings.precision != runner.precision:
             raise ValueError(f"{runner.path} computes in {runner.precision}; --precision {settings.precision} applies to "
                              "the eager/compile backends (export a file of that precision instead)")
-        task = extra.get("rmt.task", "classify")
+        meta = runner.metadata()
         static_batch, height, width = meta.fixed_input_dims()
         size = _served_size(height, width, settings.image_size)
-        name = settings.model_name or extra.get("rmt.model", "rmt")
-        outputs = [t.name for t in meta.outputs]
         channels = [int(t.shape[1]) for t in meta.outputs]
-        num_classes = int(extra.get("rmt.num_classes", channels[0]))
-    labels = class_labels(num_classes) if task == "classify" else []
-    return ServedModel(runner, name, task, size, labels, outputs, channels, static_batch)
+        described = meta.artifact or ArtifactDescription("rmt", num_classes=channels[0])
+    labels = class_labels(described.num_classes or channels[0]) if described.task == "classify" else []
+    return ServedModel(runner, settings.model_name or described.model, described.task, size, labels,
+                       [t.name for t in runner.metadata().outputs], channels, static_batch, described)

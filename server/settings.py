@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
 
+from rmt_deploy.checkpoint import WEIGHT_CHOICES
+from rmt_deploy.runners import backend_names, get_backend, precision_names
+
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RMT_", cli_kebab_case=True, cli_prog_name="rmt-serve",
@@ -16,13 +19,15 @@ class ServeSettings(BaseSettings):
     model: str = Field("rmt_t", description="variant name (rmt_t, rmt_s, ...), 'auto' (from the checkpoint) "
                                             "or a JSON config file; eager/compile backends only")
     checkpoint: Path | None = Field(None, description="released .pth checkpoint (random weights without one)")
+    weights: Literal[WEIGHT_CHOICES] = Field("auto", description="EMA or raw weights of the checkpoint (auto: EMA "
+                                             "when present, raw for RMT-T)")
     task: Literal["classify", "features"] = Field("classify", description="eager/compile only: classification "
                                                   "head or the four backbone stages (ONNX/TensorRT files say which)")
-    backend: Literal["eager", "compile", "onnxruntime", "openvino", "tensorrt"] = "eager"
+    backend: str = Field(backend_names()[0], description=f"one of {', '.join(backend_names())}")
     onnx: Path | None = Field(None, description="ONNX file for --backend onnxruntime or openvino")
     engine: Path | None = Field(None, description="TensorRT engine for --backend tensorrt")
     device: str = "cpu"
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: str = Field("fp32", description=f"one of {', '.join(precision_names())} where the backend runs it")
     threads: int | None = Field(None, ge=1, description="intra-op threads for inference")
     image_size: int = Field(224, ge=32, le=1024, description="input resolution (the ONNX/engine file's own wins)")
     model_name: str | None = Field(None, description="name in responses and /v2/models/{name}; default: the "
@@ -55,10 +60,22 @@ class ServeSettings(BaseSettings):
             raise ValueError("RMT_API_KEY is set but empty: set a token, or unset it to serve without one")
         return value
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        get_backend(value)      # ValueError naming the known backends
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, value: str) -> str:
+        if value not in precision_names():
+            raise ValueError(f"unknown precision {value!r}; choose from {', '.join(precision_names())}")
+        return value
+
     @model_validator(mode="after")
     def _backend_has_its_file(self) -> "ServeSettings":
-        if self.backend in ("onnxruntime", "openvino") and self.onnx is None:
-            raise ValueError(f"--backend {self.backend} needs --onnx FILE")
-        if self.backend == "tensorrt" and self.engine is None:
-            raise ValueError("--backend tensorrt needs --engine FILE")
+        kind = get_backend(self.backend).artifact
+        if kind != "model" and getattr(self, kind) is None:
+            raise ValueError(f"--backend {self.backend} needs --{kind} FILE")
         return self

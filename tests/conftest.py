@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rmt_deploy.exporters.onnx_export import ATTENTION_OPSET, PORTABLE_OPSET, export_onnx
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CONFORMANCE = SHARED / "conformance"
@@ -58,3 +60,11 @@ def tiny_checkpoint(tmp_path_factory, tiny_config) -> Path:
 def tiny_model(tiny_checkpoint, tiny_config):
     from rmt_deploy import create_model
     return create_model(tiny_config, checkpoint=str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module", params=[ATTENTION_OPSET, PORTABLE_OPSET], ids=["attention-op", "portable"])
+def tiny_static(request, tmp_path_factory, tiny_model):
+    """Both graph forms: ONNX Attention nodes (the default) and explicit MatMul/Softmax (TensorRT)."""
+    path = export_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx", height=64, width=96,
+                       opset=request.param)
+    return tiny_model, path

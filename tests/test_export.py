@@ -3,47 +3,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import platform
-import subprocess
-import sys
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
 from conftest import TINY_CONFIG
+from export_helpers import eager_vs_onnx, trt_supported_ops
 from PIL import Image
 
 from rmt_deploy import create_model
 from rmt_deploy.exporters import cli
 from rmt_deploy.exporters.onnx_export import (ATTENTION_OPSET, PORTABLE_OPSET, TABLE_REBUILD_OPS, export_onnx, graph_ops,
                                               write_fp16)
-from rmt_deploy.parity import Tolerance, ValueMismatchError, check_parity, compare
+from rmt_deploy.parity import Tolerance
 from rmt_deploy.runners import open_runner, small_attention
-
-
-def trt_supported_ops() -> set[str]:
-    text = resources.files("rmt_deploy.exporters").joinpath("tensorrt_onnx_ops.txt").read_text()
-    return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
-
-
-def eager_vs_onnx(model, path, shapes, tolerance, backend="onnxruntime"):
-    eager = open_runner("eager", model=model).load()
-    runtime = open_runner(backend, onnx=path).load()
-    rng = np.random.default_rng(0)
-    batches = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
-    return check_parity(eager, runtime, batches, tolerance)
-
-
-@pytest.fixture(scope="module", params=[ATTENTION_OPSET, PORTABLE_OPSET], ids=["attention-op", "portable"])
-def tiny_static(request, tmp_path_factory, tiny_model):
-    """Both graph forms: ONNX Attention nodes (the default) and explicit MatMul/Softmax (TensorRT)."""
-    path = export_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx", height=64, width=96,
-                       opset=request.param)
-    return tiny_model, path
 
 
 def test_static_export_bakes_tables_and_matches_eager(tiny_static):
@@ -182,90 +155,6 @@ def test_fp16_parity_on_cpu(tiny_static, tmp_path):
     assert report.summary()["cosine"] >= 0.999
 
 
-def test_openvino_runs_the_exports_like_eager(tiny_static, tmp_path):
-    """The OpenVINO runner on the same files: static and dynamic-batch fp32 within the fp32 gate
-    (so it really computes in float32, not bfloat16), and the fp16 file within the fp16 gate. The
-    static file's q/k rotations (two per block) all run as RoPE kernels."""
-    pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
-    model, path = tiny_static
-    report = eager_vs_onnx(model, path, [(1, 3, 64, 96)] * 2, Tolerance(), backend="openvino")
-    report.raise_for_failure()
-    with open_runner("openvino", onnx=path) as runner:
-        kernels = [op.get_rt_info()["layerType"].astype(str) for op in runner.compiled.get_runtime_model().get_ordered_ops()]
-        assert runner.metadata().extra["rotaries_as_rope"] == str(kernels.count("RoPE")) == str(2 * sum(TINY_CONFIG["depths"]))
-    dynamic = export_onnx(model, tmp_path / "dyn.onnx", dynamic_batch=True, height=64, width=64)
-    report = eager_vs_onnx(model, dynamic, [(1, 3, 64, 64), (5, 3, 64, 64)], Tolerance(), backend="openvino")
-    report.raise_for_failure()
-    assert report.outputs[0].shape == (6, 10)
-    runner = open_runner("openvino", onnx=write_fp16(path, tmp_path / "h.onnx")).load()
-    assert runner.precision == "fp16" and runner.metadata().inputs[0].dtype == "float16"
-    assert runner.metadata().extra["rmt.task"] == "classify"
-    report = eager_vs_onnx(model, runner.path, [(1, 3, 64, 96)] * 2, Tolerance.for_precision("fp16"), backend="openvino")
-    report.raise_for_failure()
-
-
-def _attention_file(path: Path, mask: np.ndarray) -> Path:
-    """One 3-D ONNX Attention node (2 heads of 4) with a constant additive mask."""
-    from onnx import TensorProto, helper, numpy_helper
-    tokens = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 8]) for n in ("q", "k", "v")]
-    node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["out"], q_num_heads=2, kv_num_heads=2)
-    graph = helper.make_graph([node], "attention", tokens, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8])],
-                              [numpy_helper.from_array(mask.astype(np.float32), "mask")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", ATTENTION_OPSET)]), path)
-    return path
-
-
-def test_openvino_runs_its_own_attention_where_the_kernel_is_off(tiny_static, monkeypatch):
-    """RMT_SMALL_ATTENTION=0, as on a machine where the kernel does not build: OpenVINO's own attention
-    runs, the runner's metadata says why, and the outputs still match eager."""
-    pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
-    model, path = tiny_static
-    monkeypatch.setenv("RMT_SMALL_ATTENTION", "0")
-    small_attention._build.cache_clear()
-    try:
-        eager_vs_onnx(model, path, [(1, 3, 64, 96)], Tolerance(), backend="openvino").raise_for_failure()
-        with open_runner("openvino", onnx=path) as runner:
-            assert runner.metadata().extra["small_head_attention"] == "turned off by RMT_SMALL_ATTENTION=0"
-    finally:
-        monkeypatch.undo()
-        small_attention._build.cache_clear()
-
-
-def test_openvino_drops_nan_guards_only_behind_finite_masks(tmp_path):
-    """The guard OpenVINO's ONNX reader adds after Attention goes only where no row can be fully
-    masked: a finite mask loses it with identical outputs; a -inf row keeps it (zeros, not NaN)."""
-    ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
-    from rmt_deploy.runners.openvino_graph import drop_attention_nan_guards
-    rng = np.random.default_rng(0)
-    feed = {n: rng.standard_normal((1, 3, 8), dtype=np.float32) for n in ("q", "k", "v")}
-    finite = rng.standard_normal((1, 2, 3, 3))
-    masked = finite.copy()
-    masked[0, 1, 2] = -np.inf
-    core = ov.Core()
-    for mask, removed in ((finite, 1), (masked, 0)):
-        path = _attention_file(tmp_path / f"attention{removed}.onnx", mask)
-        model = core.read_model(path)
-        guarded = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        assert drop_attention_nan_guards(model) == removed
-        left = [op.get_type_name() for op in model.get_ordered_ops() if op.get_type_name() in ("IsNaN", "Select")]
-        out = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feed)[0]
-        np.testing.assert_array_equal(out, guarded(feed)[0])
-        assert np.isfinite(out).all()
-        if removed:
-            import onnxruntime
-            reference = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feed)[0]
-            np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-6)
-        else:
-            assert np.all(out[0, :, 4:][2] == 0) and left, "the fully masked row stays zero behind its guard"
-
-
-def test_openvino_runner_refuses_other_devices(tiny_static):
-    pytest.importorskip("openvino", reason="OpenVINO is not installed (the test extra installs it)")
-    from rmt_deploy.runners import RunnerUnavailable
-    with pytest.raises(RunnerUnavailable, match="CPU only"):
-        open_runner("openvino", onnx=tiny_static[1], device="cuda")
-
-
 @pytest.mark.parametrize("opset", [ATTENTION_OPSET, PORTABLE_OPSET])
 def test_rmt_t_static_export_matches_eager(tmp_path, opset):
     model = create_model("rmt_t")
@@ -284,64 +173,6 @@ def test_rmt_t_static_export_matches_eager(tmp_path, opset):
         with open_runner("openvino", onnx=path) as runner:
             used = runner.metadata().extra["small_head_attention"]
         assert used == (small_attention.kernel_unavailable_reason() or "18")
-
-
-def test_small_head_attention_kernel_matches_numpy():
-    reason = small_attention.kernel_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    rng = np.random.default_rng(0)
-    # every tail: rows past a block of 4, keys past a 16-vector and past a block of 4 vectors (1-3 left)
-    for batch, seq, heads, dim, mask_heads in [(3, 7, 2, 16, 2), (2, 17, 3, 32, 1), (5, 56, 4, 16, 4),
-                                               (1, 64, 2, 64, 2), (2, 33, 6, 48, 3), (2, 100, 2, 32, 1),
-                                               (1, 150, 3, 16, 3), (1, 196, 4, 32, 4), (1, 256, 1, 16, 1)]:
-        q, k, v = (rng.standard_normal((batch, seq, heads * dim), dtype=np.float32) for _ in range(3))
-        mask = np.tile(rng.standard_normal((mask_heads, seq, seq)).astype(np.float32), (heads // mask_heads, 1, 1))
-        assert small_attention.mask_period(mask).shape[0] == mask_heads
-        out = small_attention.attention(q, k, v, small_attention.mask_period(mask), heads, scale=0.3)
-        qh, kh, vh = (t.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3).astype(np.float64) for t in (q, k, v))
-        scores = 0.3 * qh @ kh.transpose(0, 1, 3, 2) + mask
-        weights = np.exp(scores - scores.max(-1, keepdims=True))
-        expected = (weights / weights.sum(-1, keepdims=True) @ vh).transpose(0, 2, 1, 3).reshape(q.shape)
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="head dim 8"):
-        small_attention.attention(q[..., :8 * heads], k[..., :8 * heads], v[..., :8 * heads], mask, heads)
-    with pytest.raises(ValueError, match="must be one"):
-        small_attention.attention(q, k[:, :-1], v[:, :-1], mask, heads)
-    assert small_attention.fits(256, 64) and not small_attention.fits(257, 16) and not small_attention.fits(56, 8)
-    long = rng.standard_normal((1, 257, 16), dtype=np.float32)
-    with pytest.raises(ValueError, match="seq 257"):
-        small_attention.attention(long, long, long, np.zeros((1, long.shape[1], long.shape[1]), np.float32), 1)
-
-
-def test_small_head_attention_operation_checks_its_inputs():
-    """The kernel's OpenVINO operation refuses, at graph-build time, inputs it would read out of bounds."""
-    reason = small_attention.kernel_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    import openvino.opset13 as ov_ops
-    from rmt_deploy.runners.openvino_graph import _small_head_attention_factory
-    factory = _small_head_attention_factory()
-    q, short = (ov_ops.parameter(shape, np.float32) for shape in ([2, 20, 64], [2, 19, 64]))
-    mask = ov_ops.constant(np.zeros((2, 20, 20), np.float32))
-    node = factory.create("SmallHeadAttention", [q, q, q, mask], {"heads": 2, "scale": 0.5})
-    assert list(node.get_output_partial_shape(0).to_shape()) == [2, 20, 64]
-    for inputs, heads, match in [([q, short, q, mask], 2, "share one"),
-                                 ([q, q, q, ov_ops.constant(np.zeros((3, 20, 20), np.float32))], 2, "m dividing heads"),
-                                 ([q, q, q, mask], 8, "head dim 8"), ([q, q, q, mask], 0, "positive")]:
-        with pytest.raises(RuntimeError, match=match):
-            factory.create("SmallHeadAttention", inputs, {"heads": heads, "scale": 0.5})
-
-
-def test_compare_raises_specific_errors():
-    ref = {"logits": np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])}
-    bad = {"logits": ref["logits"] * 1.01}
-    report = compare(ref, bad, Tolerance(topk_identical=0))
-    assert not report.passed
-    with pytest.raises(ValueMismatchError) as info:
-        report.raise_for_failure()
-    assert "max_rel" in str(info.value)
-    assert compare(ref, {"other": ref["logits"]}, Tolerance()).problems[0][0].__name__ == "OutputNamesMismatchError"
 
 
 # ---- the CLI: manifest, failing gate, Triton ---------------------------------------------------
@@ -417,7 +248,7 @@ def test_random_weights_are_announced_and_recorded(export_run, tmp_path, capsys)
 
 
 def test_tensorrt_format_without_tensorrt_says_why(export_run, tmp_path):
-    from rmt_deploy.exporters.tensorrt_build import tensorrt_available
+    from rmt_deploy.runners.tensorrt_env import tensorrt_available
     if tensorrt_available()[0]:
         pytest.skip("TensorRT is present: covered by tests/test_tensorrt.py")
     _, _, config = export_run
@@ -431,58 +262,3 @@ def test_bad_checkpoint_is_a_clean_error(tmp_path):
     assert not list(tmp_path.glob("*.onnx"))
 
 
-def test_eager_runner_matches_the_model(tiny_model):
-    runner = open_runner("eager", model=tiny_model).load()
-    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64), dtype=np.float32)
-    np.testing.assert_allclose(runner.infer({"images": x})["logits"], tiny_model(torch.from_numpy(x)).detach().numpy(), rtol=1e-6)
-    meta = runner.metadata()
-    assert [t.name for t in meta.inputs] == ["images"] and [t.name for t in meta.outputs] == ["logits"]
-
-
-# Run in a fresh interpreter: the suite's own heap (OpenVINO/ORT thread pools, torch.compile workers)
-# is not the state of an `rmt-bench` or `rmt-serve` process after it loads the eager runner.
-_FREED_MEMORY_PROBE = """
-import ctypes, json, resource, sys, torch
-sys.path.insert(0, sys.argv[1])
-from conftest import TINY_CONFIG
-from rmt_deploy.model import RMTConfig, build_model
-from rmt_deploy.runners import open_runner
-open_runner("eager", model=build_model(RMTConfig.from_dict(TINY_CONFIG))).load()
-faults = []
-for _ in range(4):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    activation = torch.zeros(16 << 20).add_(1.0)     # 64 MiB, written: every new page faults once
-    chunk_header = ctypes.c_size_t.from_address(activation.data_ptr() - 8).value   # glibc size | flags
-    del activation
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"faults": faults, "mmapped": bool(chunk_header & 2), "non_main_arena": bool(chunk_header & 4)}))
-"""
-
-
-def _transparent_hugepages() -> str:
-    try:
-        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return ""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning applies to glibc only")
-@pytest.mark.parametrize("keep", ["1", "0"])
-def test_eager_cpu_runner_reuses_freed_activation_memory(keep):
-    """Large activations must come back from the heap, not as freshly page-faulted mmap blocks.
-
-    64 MiB is above glibc's largest dynamic mmap threshold (32 MiB), so without the runner's
-    mallopt tuning (RMT_KEEP_FREED_MEMORY=0) every such block is mmapped and faults ~16k pages.
-    """
-    env = {**os.environ, "RMT_KEEP_FREED_MEMORY": keep}
-    done = subprocess.run([sys.executable, "-c", _FREED_MEMORY_PROBE, str(Path(__file__).parent)],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    probe = json.loads(done.stdout.splitlines()[-1])
-    steady = probe["faults"][-1]
-    if keep == "1":
-        assert steady < 1000 and not probe["mmapped"], probe
-    else:
-        assert probe["mmapped"], probe
-        if "[always]" not in _transparent_hugepages():      # 'always' maps fresh blocks in 2 MiB pages
-            assert steady > 15000, probe

@@ -1,54 +1,25 @@
-"""Backends behind one interface. Heavy libraries (onnxruntime, openvino, tensorrt) load only when used."""
+"""Backends behind one interface, found through the registry (`get_backend`, `backend_names`).
+Heavy libraries (onnxruntime, openvino, tensorrt) load only when used."""
 from __future__ import annotations
 
-from .base import (INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing, infer_padded,
-                   output_names)
-
-BACKENDS = ("eager", "compile", "onnxruntime", "openvino", "tensorrt")
-
-
-def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str = "cpu",
-                precision: str = "fp32", threads: int | None = None, cuda_graphs: bool = False,
-                dynamic_batch: bool = False) -> Runner:
-    """Build (not yet load) the runner for ``backend``; each backend takes what it needs
-    (``cuda_graphs``, ``dynamic_batch``: the compile backend, see `EagerRunner`)."""
-    if backend in ("eager", "compile"):
-        from .eager import EagerRunner
-        if model is None:
-            raise ValueError(f"backend {backend!r} needs a model")
-        return EagerRunner(model, device=device, precision=precision, compile=backend == "compile",
-                           cuda_graphs=cuda_graphs, dynamic_batch=dynamic_batch)
-    if backend == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeRunner
-        if onnx is None:
-            raise ValueError("backend 'onnxruntime' needs an ONNX file")
-        return OnnxRuntimeRunner(onnx, device=device, threads=threads)
-    if backend == "openvino":
-        from .openvino import OpenVINORunner
-        if onnx is None:
-            raise ValueError("backend 'openvino' needs an ONNX file")
-        return OpenVINORunner(onnx, device=device, threads=threads)
-    if backend == "tensorrt":
-        from .tensorrt import TensorRTRunner
-        if engine is None:
-            raise ValueError("backend 'tensorrt' needs an engine file")
-        return TensorRTRunner(engine)
-    raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+from .base import INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing, infer_padded
+from .registry import (ARTIFACT_FORMATS, Backend, backend_names, backend_packages, backends_for, device_kind, get_backend, precision_names,
+                       reference_backend)
 
 
-def unavailable_reason(backend: str, device: str) -> str | None:
-    """Why a file backend (onnxruntime, openvino, tensorrt) cannot run on ``device`` here, or None:
-    asked before exporting or building anything for it."""
-    if backend == "onnxruntime":
-        from .onnxruntime import unavailable_reason as reason
-    elif backend == "openvino":
-        from .openvino import unavailable_reason as reason
-    elif backend == "tensorrt":
-        from .tensorrt import unavailable_reason as reason
-    else:
-        raise ValueError(f"unknown file backend {backend!r}; choose from onnxruntime, openvino, tensorrt")
-    return reason(device)
+def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str | None = None,
+                precision: str | None = None, threads: int | None = None, **options) -> Runner:
+    """Build (not yet load) the runner for ``backend``: ``get_backend(backend).open(...)`` with the
+    artifact given as ``onnx=`` or ``engine=`` (the spelling before the registry)."""
+    return get_backend(backend).open(model=model, artifact=onnx if onnx is not None else engine, device=device,
+                                     precision=precision, threads=threads, **options)
 
 
-__all__ = ["BACKENDS", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
-           "infer_padded", "unavailable_reason", "open_runner", "output_names"]
+def unavailable_reason(backend: str, device: str, precision: str = "fp32") -> str | None:
+    """Why ``backend`` cannot run ``precision`` on ``device`` here, or None (before any export or build)."""
+    return get_backend(backend).unavailable_reason(device, precision)
+
+
+__all__ = ["ARTIFACT_FORMATS", "Backend", "backend_packages", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
+           "backend_names", "backends_for", "device_kind", "get_backend", "infer_padded", "open_runner",
+           "precision_names", "reference_backend", "unavailable_reason"]

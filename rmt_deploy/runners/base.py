@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from ..artifact import ArtifactDescription
 
 INPUT_NAME = "images"
 
@@ -25,19 +27,14 @@ class TensorSpec:
     shape: tuple            # ints, or strings naming dynamic axes ("batch", "height", ...)
     dtype: str              # numpy dtype name: "float32", "float16"
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
 
 @dataclass(frozen=True)
 class RunnerMetadata:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
-                **self.extra}
+    # what the artifact is (model, task, sizes, classes, outputs, precision); None for a file with no rmt.* keys
+    artifact: ArtifactDescription | None = None
 
     def fixed_input_dims(self) -> tuple[int | None, int | None, int | None]:
         """(batch, height, width) of the image input; None where the artifact takes any size."""
@@ -52,9 +49,6 @@ class Timing:
     h2d_ms: float = 0.0
     compute_ms: float = 0.0
     d2h_ms: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Runner(abc.ABC):
@@ -118,6 +112,3 @@ def infer_padded(runner: Runner, images: np.ndarray, batch: int) -> dict[str, np
     outputs = runner.infer({INPUT_NAME: np.concatenate([images, padding])})
     return {name: value[:n] for name, value in outputs.items()}
 
-
-def output_names(task: str, num_stages: int = 4) -> list[str]:
-    return ["logits"] if task == "classify" else [f"stage{i + 1}" for i in range(num_stages)]

@@ -10,8 +10,10 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from ..artifact import ArtifactDescription
 from ..model import RMT
 from .base import INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
+from .registry import Backend, register
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4     # glibc mallopt parameters (malloc.h)
@@ -39,7 +41,7 @@ class EagerRunner(Runner):
     backend = "eager"
 
     def __init__(self, model: RMT, device: str = "cpu", precision: str = "fp32", compile: bool = False,
-                 cuda_graphs: bool = False, dynamic_batch: bool = False):
+                 cuda_graphs: bool = False, dynamic_batch: bool = False, threads: int | None = None):
         """``cuda_graphs`` (compile on CUDA only): run the compiled model as CUDA graphs. Every call must
         then come from the thread that made the first one: CUDA graph trees keep thread-local state
         (pytorch#123177), so the server, which warms up and infers on different threads, leaves it off.
@@ -57,13 +59,15 @@ class EagerRunner(Runner):
             raise RunnerUnavailable("fp16 eager needs a CUDA device (CPU half kernels are slow or missing)")
         self.model, self.device, self.precision, self.compile = model, device, precision, compile
         self.cuda_graphs = compile and cuda_graphs and device.startswith("cuda")
-        self.dynamic_batch = dynamic_batch
+        self.dynamic_batch, self.threads = dynamic_batch, threads
         self.warmup_calls = 3 if self.cuda_graphs else 0     # graphs are recorded during the first calls
         if compile:
             self.backend = "compile"
         self._fn = model
 
     def _load(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)     # process-wide: torch has one intra-op pool
         self.model.fuse().to(self.device, _DTYPES[self.precision]).eval()
         if not self.device.startswith("cuda"):
             keep_freed_memory()
@@ -77,12 +81,14 @@ class EagerRunner(Runner):
             self._fn = self.model
 
     def metadata(self) -> RunnerMetadata:
-        dtype = "float32" if self.precision == "fp32" else ("float16" if self.precision == "fp16" else "bfloat16")
-        outs = [TensorSpec(n, ("batch", c) if n == "logits" else ("batch", c, "height", "width"), dtype)
-                for n, c in zip(self.model.output_names,
-                                [self.model.config.num_classes] if not self.model.features_only else self.model.stage_channels)]
+        artifact = ArtifactDescription.from_model(self.model, precision=self.precision)
+        channels = [self.model.config.num_classes] if not self.model.features_only else self.model.stage_channels
+        # outputs come back as float32 whatever the compute precision (`_outputs`)
+        outs = [TensorSpec(n, ("batch", c) if n == "logits" else ("batch", c, "height", "width"), "float32")
+                for n, c in zip(self.model.output_names, channels)]
         return RunnerMetadata([TensorSpec(INPUT_NAME, ("batch", 3, "height", "width"), "float32")], outs,
-                              {"model": self.model.config.name, "checkpoint": getattr(self.model, "checkpoint", None)})
+                              {"model": self.model.config.name, "checkpoint": getattr(self.model, "checkpoint", None)},
+                              artifact)
 
     @torch.inference_mode()
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -113,3 +119,27 @@ class EagerRunner(Runner):
     def _outputs(self, out) -> dict[str, np.ndarray]:
         outs = [out] if isinstance(out, torch.Tensor) else list(out)
         return {n: t.float().cpu().numpy() for n, t in zip(self.model.output_names, outs)}
+
+
+def _open(*, model, artifact, device, precision, threads, compile: bool = False, **options) -> EagerRunner:
+    return EagerRunner(model, device=device, precision=precision, compile=compile, threads=threads, **options)
+
+
+def _open_compiled(**kwargs) -> EagerRunner:
+    return _open(**kwargs, compile=True)
+
+
+def _cuda_reason(device: str) -> str | None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "CUDA is not available to PyTorch on this machine"
+    return None
+
+
+# fp16 on the CPU: half kernels are slow or missing there
+_PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
+_OPTIONS = ("cuda_graphs", "dynamic_batch")
+EAGER = register(Backend("eager", "model", _PRECISIONS, _open, _cuda_reason, platform="pytorch_libtorch",
+                         title="PyTorch", packages=("torch",), options=_OPTIONS))
+COMPILE = register(Backend("compile", "model", _PRECISIONS, _open_compiled, _cuda_reason,
+                           platform="pytorch_libtorch", title="torch.compile", packages=("torch",),
+                           options=_OPTIONS))

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact import ArtifactDescription
 from .base import Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
+from .registry import Backend, register
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 
@@ -36,11 +38,10 @@ def unavailable_reason(device: str) -> str | None:
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None,
-                 optimized_model_path: str | Path | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, precision: str | None = None):
+        """``precision``: what the file is expected to compute in, until ``load`` reads the file's own."""
         super().__init__()
-        self.path, self.device, self.threads = Path(path), device, threads
-        self.optimized_model_path = optimized_model_path
+        self.path, self.device, self.threads, self.precision = Path(path), device, threads, precision or "fp32"
         self.session = None
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
@@ -55,8 +56,6 @@ class OnnxRuntimeRunner(Runner):
         if self.threads:
             options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        if self.optimized_model_path:
-            options.optimized_model_filepath = os.fspath(self.optimized_model_path)
         if self.device.startswith("cuda"):
             providers = [("CUDAExecutionProvider", {"device_id": int(self.device.partition(":")[2] or 0)}),
                          "CPUExecutionProvider"]
@@ -66,15 +65,18 @@ class OnnxRuntimeRunner(Runner):
         inp = self.session.get_inputs()[0]
         self.precision = "fp16" if inp.type == "tensor(float16)" else "fp32"
 
-    def _specs(self, values) -> list[TensorSpec]:
-        return [TensorSpec(v.name, tuple(v.shape), _ORT_TYPES.get(v.type, v.type)) for v in values]
+    @staticmethod
+    def _specs(values, dtype: str | None = None) -> list[TensorSpec]:
+        return [TensorSpec(v.name, tuple(v.shape), dtype or _ORT_TYPES.get(v.type, v.type)) for v in values]
 
     def metadata(self) -> RunnerMetadata:
         if self.session is None:
             raise RuntimeError(f"{self.name}: call load() first")
         meta = self.session.get_modelmeta().custom_metadata_map
-        return RunnerMetadata(self._specs(self.session.get_inputs()), self._specs(self.session.get_outputs()),
-                              {"path": os.fspath(self.path), "providers": self.session.get_providers(), **meta})
+        # outputs are returned as float32 whatever the file computes in (`_infer`)
+        return RunnerMetadata(self._specs(self.session.get_inputs()), self._specs(self.session.get_outputs(), "float32"),
+                              {"path": os.fspath(self.path), "providers": self.session.get_providers(), **meta},
+                              ArtifactDescription.from_metadata(meta))
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -86,3 +88,18 @@ class OnnxRuntimeRunner(Runner):
     def close(self) -> None:
         self.session = None
         super().close()
+
+
+def _open(*, model, artifact, device, precision, threads) -> OnnxRuntimeRunner:
+    return OnnxRuntimeRunner(artifact, device=device, threads=threads, precision=precision)
+
+
+def prepare_onnx(model, plan, cache) -> Path:
+    """The ONNX file of ``model`` for ``plan``; on GPUs the portable graph (some onnxruntime-gpu
+    releases run Attention nodes on the CPU)."""
+    return cache.onnx(model, plan.for_one(plan.precision, portable=plan.portable or plan.device.startswith("cuda")))
+
+
+ONNXRUNTIME = register(Backend("onnxruntime", "onnx", {"cpu": ("fp32", "fp16"), "cuda": ("fp32", "fp16")}, _open,
+                               unavailable_reason, prepare_onnx, platform="onnxruntime_onnx", title="ONNX Runtime",
+                               packages=("onnxruntime", "onnxruntime-gpu")))

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact import ArtifactDescription
 from . import small_attention
 from .base import Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
+from .onnxruntime import prepare_onnx
+from .registry import Backend, register
 from .openvino_graph import drop_attention_nan_guards, rotary_as_rope, use_small_head_attention
 
 
@@ -68,9 +71,10 @@ def _small_head_attention(model, compute: str) -> str:
 class OpenVINORunner(Runner):
     backend = "openvino"
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, precision: str | None = None):
+        """``precision``: what the file is expected to compute in, until ``load`` reads the file's own."""
         super().__init__()
-        self.path, self.device, self.threads = Path(path), device, threads
+        self.path, self.device, self.threads, self.precision = Path(path), device, threads, precision or "fp32"
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         if device != "cpu":
@@ -102,18 +106,21 @@ class OpenVINORunner(Runner):
         self._metadata = _onnx_metadata(model)
 
     @staticmethod
-    def _specs(ports) -> list[TensorSpec]:
+    def _specs(ports, dtype: str | None = None) -> list[TensorSpec]:
         specs = []
         for port in ports:
             dims = tuple(d.get_length() if d.is_static else "dynamic" for d in port.get_partial_shape())
-            specs.append(TensorSpec(port.get_any_name(), dims, np.dtype(port.get_element_type().to_dtype()).name))
+            specs.append(TensorSpec(port.get_any_name(), dims,
+                                    dtype or np.dtype(port.get_element_type().to_dtype()).name))
         return specs
 
     def metadata(self) -> RunnerMetadata:
         if self.compiled is None:
             raise RuntimeError(f"{self.name}: call load() first")
-        return RunnerMetadata(self._specs(self.compiled.inputs), self._specs(self.compiled.outputs),
-                              {"path": os.fspath(self.path), **self._versions, **self._metadata})
+        # outputs are returned as float32 whatever the file computes in (`_infer`)
+        return RunnerMetadata(self._specs(self.compiled.inputs), self._specs(self.compiled.outputs, "float32"),
+                              {"path": os.fspath(self.path), **self._versions, **self._metadata},
+                              ArtifactDescription.from_metadata(self._metadata))
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
@@ -127,3 +134,12 @@ class OpenVINORunner(Runner):
     def close(self) -> None:
         self.compiled = self._request = None
         super().close()
+
+
+def _open(*, model, artifact, device, precision, threads) -> OpenVINORunner:
+    return OpenVINORunner(artifact, device=device, threads=threads, precision=precision)
+
+
+OPENVINO = register(Backend("openvino", "onnx", {"cpu": ("fp32", "fp16")}, _open, unavailable_reason, prepare_onnx,
+                            platform="openvino", title="OpenVINO",
+                            packages=("openvino",)))

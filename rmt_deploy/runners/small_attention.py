@@ -119,9 +119,10 @@ def library_path() -> Path:
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, heads: int, scale: float = 1.0,
               out: np.ndarray | None = None) -> np.ndarray:
-    """softmax(q k^T * scale + mask) v per head, on (batch, seq, heads * dim) float32 arrays; ``mask``
-    is (m, seq, seq) with m dividing heads, head h taking mask h % m. The OpenVINO runner calls the
-    same code as a graph node (`openvino_graph.use_small_head_attention`)."""
+    """The kernel's test seam: softmax(q k^T * scale + mask) v per head, on (batch, seq, heads * dim)
+    float32 arrays; ``mask`` is (m, seq, seq) with m dividing heads, head h taking mask h % m. The
+    runner never calls it: the OpenVINO runner runs the same C++ code as a graph node
+    (`openvino_graph.use_small_head_attention`); this entry checks that code against numpy directly."""
     lib = _load()
     batch, seq, channels = q.shape
     if k.shape != q.shape or v.shape != q.shape or channels % heads or mask.shape[-2:] != (seq, seq):

@@ -1,7 +1,7 @@
 """TensorRT runner (TensorRT 10.x / 11.x name-based tensor API, PyTorch CUDA buffers).
 
-Before deserializing, the engine's JSON sidecar (``<engine>.json``, written by
-`rmt_deploy.exporters.tensorrt_build.build_engine`) is compared with this machine: an engine built
+Before deserializing, the engine's JSON sidecar (``<engine>.json``, written by rmt-export's engine
+builder, read by `tensorrt_env`) is compared with this machine: an engine built
 by another TensorRT version or for another GPU raises `EngineIncompatible` (a `RunnerUnavailable`)
 that says what differs, instead of failing inside TensorRT.
 """
@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact import ArtifactDescription
 from .base import Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
+from .registry import Backend, register
+from .tensorrt_env import (EngineIncompatible, check_engine_compatible, device_index, make_logger, read_sidecar,
+                           require_tensorrt, tensorrt_available)
 
 _INPUT_AXES = ("batch", None, "height", "width")
 
 
 def unavailable_reason(device: str) -> str | None:
     """Why TensorRT cannot run on ``device`` here, or None (checked before any engine is built)."""
-    try:
-        from rmt_deploy.exporters.tensorrt_build import tensorrt_available
-    except ImportError as exc:
-        return f"the TensorRT builder cannot be imported: {exc}"
     if not device.startswith("cuda"):
         ok, reason = tensorrt_available()
         return f"TensorRT runs on CUDA devices only (--device {device}){'' if ok else '; also ' + reason}"
@@ -34,10 +34,10 @@ def unavailable_reason(device: str) -> str | None:
 class TensorRTRunner(Runner):
     backend = "tensorrt"
 
-    def __init__(self, engine_path: str | os.PathLike, device: str = "cuda:0"):
+    def __init__(self, engine_path: str | os.PathLike, device: str = "cuda:0", precision: str | None = None):
+        """``precision``: what the engine must compute in; the sidecar's own precision, when it has
+        one, must agree (an fp32 engine cannot serve an fp16 request)."""
         super().__init__()
-        from rmt_deploy.exporters.tensorrt_build import read_sidecar
-
         self.path = Path(engine_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"TensorRT engine not found: {self.path}")
@@ -45,7 +45,13 @@ class TensorRTRunner(Runner):
             raise RunnerUnavailable(f"TensorRT runs on CUDA devices only, not {device!r}")
         self.device = str(device) if ":" in str(device) else "cuda:0"
         self.sidecar: dict = read_sidecar(self.path) or {}
-        self.precision = self.sidecar.get("precision", "fp32")
+        built = self.sidecar.get("precision")
+        if built and precision and built != precision:
+            raise ValueError(f"{self.path.name} is a {built} engine, not {precision} (its sidecar says so)")
+        self.precision = built or precision or "fp32"
+        self.artifact = ArtifactDescription.from_metadata(self.sidecar)
+        if self.artifact is not None:
+            self.artifact = self.artifact.with_precision(self.precision)
         self._trt = self._runtime = self._engine = self._context = self._stream = None
         self._inputs: list[str] = []
         self._outputs: list[str] = []
@@ -55,12 +61,10 @@ class TensorRTRunner(Runner):
 
     # -- loading ------------------------------------------------------------------------------
     def _load(self) -> None:
-        from rmt_deploy.exporters.tensorrt_build import (EngineIncompatible, _device_index, _make_logger,
-                                                         check_engine_compatible, require_tensorrt)
         trt = require_tensorrt(self.device)  # RunnerUnavailable (TensorRTUnavailable) when missing
         import torch
 
-        index = _device_index(self.device)
+        index = device_index(self.device)
         if index >= torch.cuda.device_count():
             raise RunnerUnavailable(f"{self.device} does not exist here ({torch.cuda.device_count()} CUDA device(s))")
         if self.sidecar:
@@ -69,7 +73,7 @@ class TensorRTRunner(Runner):
                 raise EngineIncompatible(f"{self.path.name}: {problem}")
 
         torch.cuda.set_device(index)
-        self._logger = _make_logger(trt)
+        self._logger = make_logger(trt)
         self._runtime = trt.Runtime(self._logger)
         engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if engine is None:
@@ -96,22 +100,37 @@ class TensorRTRunner(Runner):
             dims = tuple(int(d) for d in engine.get_tensor_shape(name))
             shape = tuple((_INPUT_AXES[a] if is_input and a < 4 and _INPUT_AXES[a] else
                            ("batch" if a == 0 else f"dim{a}")) if d < 0 else d for a, d in enumerate(dims))
-            self._specs[name] = TensorSpec(name, shape, str(torch_dtype).removeprefix("torch."))
-        if self._inputs:
-            in_dtype = self._specs[self._inputs[0]].dtype
-            self.precision = self.sidecar.get("precision") or ("fp16" if in_dtype == "float16" else "fp32")
+            # outputs are returned as float32 whatever the engine computes in (`_infer`)
+            dtype = str(torch_dtype).removeprefix("torch.") if is_input else "float32"
+            self._specs[name] = TensorSpec(name, shape, dtype)
+        if self._inputs and not self.sidecar.get("precision"):
+            self.precision = "fp16" if self._specs[self._inputs[0]].dtype == "float16" else "fp32"
 
     def metadata(self) -> RunnerMetadata:
+        """Before ``load``: what the sidecar says (tensors from its profile and description); after: the engine's."""
+        extra = {"path": os.fspath(self.path), "device": self.device, **self.sidecar}
         if self._engine is None:
-            raise RuntimeError(f"{self.name}: call load() first")
-        extra = {"path": os.fspath(self.path), **self.sidecar}
+            return self._sidecar_metadata(extra)
         profiles = []
         for p in range(self._engine.num_optimization_profiles):
             for name in self._inputs:
                 lo, mid, hi = self._engine.get_tensor_profile_shape(name, p)
                 profiles.append({"profile": p, "input": name, "min": list(lo), "opt": list(mid), "max": list(hi)})
         extra.setdefault("profiles", profiles)
-        return RunnerMetadata([self._specs[n] for n in self._inputs], [self._specs[n] for n in self._outputs], extra)
+        return RunnerMetadata([self._specs[n] for n in self._inputs], [self._specs[n] for n in self._outputs], extra,
+                              self.artifact)
+
+    def _sidecar_metadata(self, extra: dict) -> RunnerMetadata:
+        profile = (self.sidecar.get("profiles") or [{}])[0]
+        lo, hi = profile.get("min"), profile.get("max")
+        dims = tuple(a if a == b else _INPUT_AXES[i] or f"dim{i}" for i, (a, b) in enumerate(zip(lo, hi))) \
+            if lo and hi else ("batch", 3, "height", "width")
+        # a strongly typed fp16 engine takes float16 images; weakly typed ones (TensorRT 10's FP16 flag) float32
+        half = self.precision == "fp16" and self.sidecar.get("strongly_typed")
+        inputs = [TensorSpec(profile.get("input", "images"), dims, "float16" if half else "float32")]
+        names = self.artifact.output_names if self.artifact else ()
+        outputs = [TensorSpec(n, ("batch",), "float32") for n in names]
+        return RunnerMetadata(inputs, outputs, extra, self.artifact)
 
     # -- inference ----------------------------------------------------------------------------
     def _set_shape(self, name: str, shape: tuple) -> None:
@@ -172,3 +191,17 @@ def _torch_dtype(trt, trt_dtype):
         if hasattr(trt, trt_name) and trt_dtype == getattr(trt, trt_name):
             return torch_dtype
     raise RunnerUnavailable(f"engine tensor type {trt_dtype} has no PyTorch equivalent in this runner")
+
+
+def _open(*, model, artifact, device, precision, threads) -> TensorRTRunner:
+    return TensorRTRunner(artifact, device=device, precision=precision)
+
+
+def _prepare(model, plan, cache) -> Path:
+    """An engine of the ONNX of the same precision in the portable opset (TensorRT 11 takes FP16 from the graph)."""
+    return cache.engine(model, plan.for_one(plan.precision, portable=True))
+
+
+TENSORRT = register(Backend("tensorrt", "engine", {"cuda": ("fp32", "fp16")}, _open, unavailable_reason, _prepare,
+                            platform="tensorrt_plan", title="TensorRT",
+                            packages=("tensorrt",)))

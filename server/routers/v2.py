@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import ValidationError
 
 from rmt_deploy import __version__
-from rmt_deploy.runners import INPUT_NAME
+from rmt_deploy.runners import INPUT_NAME, get_backend
 
 from ..errors import ApiError, error_responses
 from ..model_host import ServedModel
@@ -25,8 +25,7 @@ router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 HEADER_LENGTH = "Inference-Header-Content-Length"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 JSON_SLICE = 65536
-PLATFORMS = {"eager": "pytorch_libtorch", "compile": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx",
-             "openvino": "openvino", "tensorrt": "tensorrt_plan"}
+_DATATYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}    # numpy dtype -> KServe v2 datatype
 
 
 def _inlined_schema(model) -> dict:
@@ -82,9 +81,11 @@ async def ready(request: Request) -> PlainTextResponse:
 async def model_metadata(model_name: str, request: Request, state: ServerStateDep) -> ModelMetadata:
     served = _model(state, request).model
     size = served.image_size
-    outputs = [TensorMetadata(name=n, datatype="FP32", shape=[-1, c] if served.task == "classify" else [-1, c, -1, -1])
-               for n, c in zip(served.output_names, served.output_channels)]
-    return ModelMetadata(name=served.name, versions=["1"], platform=PLATFORMS.get(served.runner.backend, "custom"),
+    dtypes = served.artifact.output_dtypes if served.artifact else ("float32",) * len(served.output_names)
+    outputs = [TensorMetadata(name=n, datatype=_DATATYPES[dtype],
+                              shape=[-1, c] if served.task == "classify" else [-1, c, -1, -1])
+               for n, c, dtype in zip(served.output_names, served.output_channels, dtypes)]
+    return ModelMetadata(name=served.name, versions=["1"], platform=get_backend(served.runner.backend).platform,
                          inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, size, size])],
                          outputs=outputs)
 

@@ -1,0 +1,155 @@
+"""The backend registry (mmdeploy's backend managers): one `Backend` entry per backend, declared next
+to its runner, saying what artifact it runs, which precisions on which device kind, why it cannot
+run here, how to prepare its artifact and how to open a runner. Tools ask the registry; none of them
+lists backend names. Adding a backend is one runner file with its entry, plus its module name in
+`_RUNNER_MODULES`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..artifact import check_precision
+from .base import Runner, RunnerUnavailable
+
+ARTIFACT_KINDS = ("model", "onnx", "engine")
+# how rmt-export's manifest (and its old --format) names the file of each artifact kind
+ARTIFACT_FORMATS = {"onnx": "onnx", "engine": "tensorrt"}
+# runner modules that declare entries, in the order tools list backends
+_RUNNER_MODULES = ("eager", "onnxruntime", "openvino", "tensorrt")
+
+
+def device_kind(device: str) -> str:
+    """"cpu" or "cuda" (``cuda:1`` is a cuda device)."""
+    kind = str(device).partition(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    return kind
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend. ``precisions`` is data: device kind -> precisions it runs there (for file
+    backends: the precisions of the files it runs). ``opener`` builds (does not load) a runner;
+    ``reason`` says why the backend cannot run on a device here; ``preparer`` makes its artifact."""
+
+    name: str
+    artifact: str                                   # "model" | "onnx" | "engine"
+    precisions: Mapping[str, tuple[str, ...]]
+    opener: Callable[..., Runner]
+    reason: Callable[[str], str | None] = lambda device: None
+    preparer: Callable | None = None
+    platform: str = "custom"                        # KServe v2 / Triton platform name
+    title: str = ""                                 # the library's own name, for messages
+    packages: tuple[str, ...] = ()                  # pip distributions it runs on (versions in reports)
+    options: tuple[str, ...] = ()                   # extra keyword options `open` passes on
+
+    def __post_init__(self):
+        if self.artifact not in ARTIFACT_KINDS:
+            raise ValueError(f"{self.name}: artifact kind must be one of {ARTIFACT_KINDS}")
+
+    def supports(self, device: str, precision: str = "fp32") -> bool:
+        return precision in self.precisions.get(device_kind(device), ())
+
+    def unavailable_reason(self, device: str = "cpu", precision: str = "fp32") -> str | None:
+        """Why this backend cannot run ``precision`` on ``device`` here, or None (asked before any
+        export or build)."""
+        check_precision(precision)
+        kind = device_kind(device)
+        if kind not in self.precisions:     # the backend's own words first (what is missing, how to get it)
+            return self.reason(device) or f"{self.name} does not run on {kind} devices"
+        if not self.supports(device, precision):
+            offered = ", ".join(f"{k}: {'/'.join(v)}" for k, v in self.precisions.items())
+            return f"{self.name} does not run {precision} on {kind} (it runs {offered})"
+        return self.reason(device)
+
+    def prepare(self, model, plan, cache) -> Path | None:
+        """The artifact ``open`` needs for ``model`` under ``plan`` (an `ExportPlan`-like object with
+        ``device``, ``precision``, sizes), exported or built through ``cache`` (which provides
+        ``onnx(model, plan)`` and ``engine(model, plan)``); None for backends that run the model."""
+        return None if self.preparer is None else self.preparer(model, plan, cache)
+
+    def open(self, *, model=None, artifact: str | os.PathLike | None = None, device: str | None = None,
+             precision: str | None = None, threads: int | None = None, **options) -> Runner:
+        """Build (not yet load) a runner on ``model`` or ``artifact``. ``device`` None: the CPU, or the first
+        CUDA device for a backend without CPU support. ``precision`` None: fp32 for a model, the file's own
+        for an artifact (given, a file of another precision is refused where it is known)."""
+        if device is None:
+            device = "cpu" if "cpu" in self.precisions else "cuda:0"
+        if precision is None:
+            precision = "fp32" if self.artifact == "model" else None
+        else:
+            check_precision(precision)
+        if self.artifact == "model" and model is None:
+            raise ValueError(f"backend {self.name!r} needs a model")
+        if self.artifact != "model" and artifact is None:
+            raise ValueError(f"backend {self.name!r} needs an {self.artifact.upper()} file")
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise TypeError(f"backend {self.name!r} takes no option(s) {sorted(unknown)}")
+        return self.opener(model=model, artifact=artifact, device=device, precision=precision, threads=threads,
+                           **options)
+
+
+_REGISTRY: dict[str, Backend] = {}
+_LOADED: list[bool] = []
+
+
+def register(backend: Backend) -> Backend:
+    if backend.name in _REGISTRY and _REGISTRY[backend.name] is not backend:
+        raise ValueError(f"backend {backend.name!r} is registered twice")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def _load_entries() -> dict[str, Backend]:
+    if not _LOADED:
+        for module in _RUNNER_MODULES:      # each declares its entries on import (heavy libraries stay lazy)
+            importlib.import_module(f"{__package__}.{module}")
+        _LOADED.append(True)
+    return {name: _REGISTRY[name] for name in sorted(_REGISTRY, key=_order)}
+
+
+def _order(name: str) -> int:
+    module = _REGISTRY[name].opener.__module__.rpartition(".")[2]
+    return _RUNNER_MODULES.index(module) if module in _RUNNER_MODULES else len(_RUNNER_MODULES)
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_load_entries())
+
+
+def get_backend(name: str) -> Backend:
+    backends = _load_entries()
+    if name not in backends:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(backends)}")
+    return backends[name]
+
+
+def backends_for(artifact: str) -> tuple[str, ...]:
+    """Names of the backends that run this artifact kind (e.g. every ONNX backend)."""
+    return tuple(name for name, entry in _load_entries().items() if entry.artifact == artifact)
+
+
+def reference_backend() -> str:
+    """The backend the others are checked and compared against: the first that runs the model itself."""
+    return backends_for("model")[0]
+
+
+def backend_packages() -> tuple[str, ...]:
+    """The pip distributions of every backend, once each (for the version lists of reports and manifests)."""
+    return tuple(dict.fromkeys(p for entry in _load_entries().values() for p in entry.packages))
+
+
+def precision_names() -> tuple[str, ...]:
+    """Every precision some backend runs on some device, in `PRECISIONS` order."""
+    from ..artifact import PRECISIONS
+    offered = {p for entry in _load_entries().values() for ps in entry.precisions.values() for p in ps}
+    return tuple(p for p in PRECISIONS if p in offered)
+
+
+__all__ = ["ARTIFACT_FORMATS", "ARTIFACT_KINDS", "Backend", "backend_packages", "RunnerUnavailable", "backend_names", "backends_for", "device_kind",
+           "get_backend", "precision_names", "reference_backend", "register"]
