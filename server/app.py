@@ -68,13 +68,30 @@ async def lifespan(app: FastAPI):
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="rmt-decode")
     state = ServerState(settings, app.state.metrics, served, batcher, decode_pool, ready=True)
     app.state.server = state
+    grpc_server = None
+    if settings.grpc_port is not None:
+        grpc_server, app.state.grpc_port = await grpc_frontend().start_grpc_server(
+            app, settings.host, settings.grpc_port, settings.max_upload_bytes)
+        log.info("KServe v2 gRPC on %s:%d", settings.host, app.state.grpc_port)
     try:
         yield
     finally:
         state.ready = False
+        if grpc_server is not None:     # refuses new calls, lets running ones finish (the batcher still runs)
+            await grpc_server.stop(settings.graceful_timeout_s)
         await batcher.drain(settings.graceful_timeout_s)
         decode_pool.shutdown(wait=True)
         served.runner.close()
+
+
+def grpc_frontend():
+    """The gRPC module; grpcio and tritonclient's stubs are the optional ``grpc`` extra."""
+    try:
+        from . import grpc_api
+    except ImportError as exc:
+        raise RuntimeError(f"--grpc-port needs grpcio and tritonclient[grpc] ({exc.name} is missing): "
+                           "pip install 'rmt-deploy[grpc]'") from exc
+    return grpc_api
 
 
 def create_app(settings: ServeSettings | None = None, served: ServedModel | None = None) -> FastAPI:

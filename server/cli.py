@@ -7,7 +7,7 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 
-from .app import create_app
+from .app import create_app, grpc_frontend
 from .model_host import load_served_model
 from .protocol import uvicorn_options
 from .settings import ServeSettings
@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, SettingsError) as exc:
         print(f"rmt-serve: {exc}", file=sys.stderr)
         return 2
+    if settings.grpc_port is not None:
+        try:
+            grpc_frontend()
+        except RuntimeError as exc:
+            print(f"rmt-serve: {exc}", file=sys.stderr)
+            return 2
     try:
         # Fail fast with a clean message (missing file, TensorRT absent, bad checkpoint) before binding;
         # the loaded model is handed to the app, so it is loaded once.

@@ -31,6 +31,10 @@ class ServedModel:
         strides = self.artifact.output_strides if self.artifact else ()
         return dict(zip(self.output_names, strides)) if self.task == "features" else {}
 
+    def output_shape(self, name: str, channels: int) -> list[int]:
+        """KServe v2 shape of an output: stage maps are NCHW of any size, the others (N, C)."""
+        return [-1, channels, -1, -1] if name in self.strides else [-1, channels]
+
     def max_batch_size(self, requested: int) -> int:
         """The largest batch the server may form: a static-batch file fixes it."""
         return self.static_batch or requested

@@ -35,6 +35,8 @@ class ServeSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="bind address; loopback unless told otherwise")
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="also serve KServe v2 over gRPC on this port "
+                                  "(needs the grpc extra); off unless given")
     max_batch_size: int = Field(8, ge=1, le=256, description="largest batch the dynamic batcher forms")
     max_delay_ms: float = Field(5.0, ge=0, le=1000, description="how long the first request waits for company")
     max_queue_size: int = Field(64, ge=1, description="images waiting for inference before 503")
