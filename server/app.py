@@ -62,7 +62,7 @@ async def lifespan(app: FastAPI):
                  "(--max-batch-size %d does not apply)", max_batch_size, max_batch_size, settings.max_batch_size)
     if settings.warmup:
         await asyncio.to_thread(served.warmup, max_batch_size)
-    batcher = DynamicBatcher(served.infer, app.state.metrics, max_batch_size=max_batch_size,
+    batcher = DynamicBatcher(served.instances(), app.state.metrics, max_batch_size=max_batch_size,
                              max_delay_ms=settings.max_delay_ms, max_queue_size=settings.max_queue_size)
     batcher.start()
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="rmt-decode")
@@ -81,7 +81,7 @@ async def lifespan(app: FastAPI):
             await grpc_server.stop(settings.graceful_timeout_s)
         await batcher.drain(settings.graceful_timeout_s)
         decode_pool.shutdown(wait=True)
-        served.runner.close()
+        served.close()
 
 
 def grpc_frontend():

@@ -29,6 +29,8 @@ class ServeSettings(BaseSettings):
     device: str = "cpu"
     precision: str = Field("fp32", description=f"one of {', '.join(precision_names())} where the backend runs it")
     threads: int | None = Field(None, ge=1, description="intra-op threads for inference")
+    instances: int = Field(1, ge=1, le=64, description="model instances fed by the one batcher, each running "
+                           "batches with --threads threads (Triton's instance_group)")
     image_size: int = Field(224, ge=32, le=1024, description="input resolution (the ONNX/engine file's own wins)")
     model_name: str | None = Field(None, description="name in responses and /v2/models/{name}; default: the "
                                                          "model's (variant, or the config file's stem)")
