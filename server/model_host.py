@@ -21,7 +21,7 @@ from .settings import ServeSettings
 class ServedModel:
     runners: list[Runner]           # one per model instance, all alike
     name: str
-    task: str                       # "classify" | "features"
+    task: str                       # "classify" | "features" | "all" (both, from one forward)
     image_size: int
     labels: list[str]
     output_names: list[str]
@@ -36,8 +36,15 @@ class ServedModel:
 
     @property
     def strides(self) -> dict[str, int]:
-        strides = self.artifact.output_strides if self.artifact else ()
-        return dict(zip(self.output_names, strides)) if self.task == "features" else {}
+        """Stage-map output -> its stride; empty for a classify-only model."""
+        if self.task == "classify":
+            return {}
+        stages = [name for name in self.output_names if name.startswith("stage")]
+        return dict(zip(stages, self.artifact.output_strides if self.artifact else ()))
+
+    @property
+    def classifies(self) -> bool:
+        return "logits" in self.output_names
 
     def output_shape(self, name: str, channels: int) -> list[int]:
         """KServe v2 shape of an output: stage maps are NCHW of any size, the others (N, C)."""
@@ -86,6 +93,8 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
     if backend.artifact == "model":
         model = create_model(settings.model, checkpoint=settings.checkpoint and str(settings.checkpoint),
                              features_only=settings.task == "features", weights=settings.weights)
+        if settings.task == "classify":     # a classifier computes the stage maps anyway: serve both tasks
+            model.with_stage_outputs()
         models = [model] + [copy.deepcopy(model) for _ in range(settings.instances - 1)]   # one copy per instance
         # the batcher forms every size up to --max-batch-size: compile them as one dynamic-batch graph
         runners = [backend.open(model=m, device=settings.device, precision=settings.precision,
@@ -93,7 +102,6 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
         runner = runners[0]
         described = runner.metadata().artifact
         size, static_batch = settings.image_size, None
-        channels = [described.num_classes] if described.task == "classify" else list(model.stage_channels)
     else:
         # one session per instance (OpenVINO included: see docs/serving.md, "Model instances")
         runners = [backend.open(artifact=getattr(settings, backend.artifact), device=settings.device,
@@ -105,8 +113,8 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
         meta = runner.metadata()
         static_batch, height, width = meta.fixed_input_dims()
         size = _served_size(height, width, settings.image_size)
-        channels = [int(t.shape[1]) for t in meta.outputs]
-        described = meta.artifact or ArtifactDescription("rmt", num_classes=channels[0])
-    labels = class_labels(described.num_classes or channels[0]) if described.task == "classify" else []
+        described = meta.artifact or ArtifactDescription("rmt", num_classes=int(meta.outputs[0].shape[1]))
+    channels = [int(t.shape[1]) for t in runner.metadata().outputs]
+    labels = class_labels(described.num_classes or channels[0]) if described.task != "features" else []
     return ServedModel(runners, settings.model_name or described.model, described.task, size, labels,
                        [t.name for t in runner.metadata().outputs], channels, static_batch, described)

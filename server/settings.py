@@ -21,8 +21,9 @@ class ServeSettings(BaseSettings):
     checkpoint: Path | None = Field(None, description="released .pth checkpoint (random weights without one)")
     weights: Literal[WEIGHT_CHOICES] = Field("auto", description="EMA or raw weights of the checkpoint (auto: EMA "
                                              "when present, raw for RMT-T)")
-    task: Literal["classify", "features"] = Field("classify", description="eager/compile only: classification "
-                                                  "head or the four backbone stages (ONNX/TensorRT files say which)")
+    task: Literal["classify", "features"] = Field("classify", description="eager/compile only: the classifier "
+                                                  "(serves /classify and /features from one forward) or the backbone "
+                                                  "alone (/features); ONNX/TensorRT files say which")
     backend: str = Field(backend_names()[0], description=f"one of {', '.join(backend_names())}")
     onnx: Path | None = Field(None, description="ONNX file for --backend onnxruntime or openvino")
     engine: Path | None = Field(None, description="TensorRT engine for --backend tensorrt")

@@ -68,7 +68,8 @@ def test_grpc_answers_equal_http_and_classify(served):
     metadata = client.get_model_metadata(MODEL)
     assert (metadata.inputs[0].name, metadata.inputs[0].datatype, list(metadata.inputs[0].shape)) == (
         "images", "FP32", [-1, 3, SIZE, SIZE])
-    assert [o.name for o in metadata.outputs] == ["logits"] and metadata.versions == ["1"]
+    assert [o.name for o in metadata.outputs] == ["logits", "embedding", "stage1", "stage2", "stage3", "stage4"]
+    assert [list(o.shape) for o in metadata.outputs[1:3]] == [[-1, 256], [-1, 32, -1, -1]] and metadata.versions == ["1"]
 
     x = images()
     raw = client.infer(MODEL, [grpc_input(x)], headers=dict(HEADERS)).as_numpy("logits")
