@@ -20,13 +20,6 @@ IMAGE = {"content": jpeg(11), "headers": {"content-type": "image/jpeg"}, "timeou
 
 
 @pytest.fixture(scope="module")
-def model_files(tmp_path_factory, tiny_config, tiny_checkpoint) -> dict:
-    config = tmp_path_factory.mktemp("both") / "tiny_config.json"
-    config.write_text(json.dumps(tiny_config))
-    return {"model": str(config), "checkpoint": str(tiny_checkpoint)}
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_model) -> dict[str, np.ndarray]:
     """The eager model's logits, embedding and stage maps of IMAGE."""
     x = torch.from_numpy(preprocess(decode_image(IMAGE["content"]), SIZE)[None])

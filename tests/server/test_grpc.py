@@ -23,14 +23,6 @@ TOKEN = "s3cret"
 HEADERS = {"authorization": f"Bearer {TOKEN}"}   # passed as copies: tritonclient.http adds its own to the dict
 
 
-@pytest.fixture(scope="module")
-def model_files(tmp_path_factory, tiny_config, tiny_checkpoint) -> dict:
-    import json
-    config = tmp_path_factory.mktemp("grpc") / "tiny_config.json"
-    config.write_text(json.dumps(tiny_config))
-    return {"model": str(config), "checkpoint": str(tiny_checkpoint)}
-
-
 def grpc_settings(model_files: dict, **overrides):
     return make_settings(model_files, **{"image_size": SIZE, "grpc_port": free_port(), **overrides})
 

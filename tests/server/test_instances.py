@@ -3,35 +3,18 @@ Tiny model at 64 px, one thread per instance."""
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-import torch
 from test_server import jpeg, live_server, make_settings, scrape
 
 from rmt_deploy.preprocess import decode_image, preprocess
 
 SIZE = 64
 REQUESTS, CONCURRENCY, TIME_LIMIT_S = 400, 16, 240
-
-
-@pytest.fixture(scope="module")
-def model_files(tmp_path_factory, tiny_config, tiny_checkpoint) -> dict:
-    config = tmp_path_factory.mktemp("instances") / "tiny_config.json"
-    config.write_text(json.dumps(tiny_config))
-    return {"model": str(config), "checkpoint": str(tiny_checkpoint)}
-
-
-@pytest.fixture(scope="module")
-def eager(tiny_model):
-    def run(images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return tiny_model(torch.from_numpy(images)).numpy()
-    return run
 
 
 async def load(url: str, images: list[bytes]) -> list[tuple[int, int]]:
