@@ -69,11 +69,11 @@ async def lifespan(app: FastAPI):
     state = ServerState(settings, app.state.metrics, served, batcher, decode_pool, ready=True)
     app.state.server = state
     grpc_server = None
-    if settings.grpc_port is not None:
-        grpc_server, app.state.grpc_port = await grpc_frontend().start_grpc_server(
-            app, settings.host, settings.grpc_port, settings.max_upload_bytes)
-        log.info("KServe v2 gRPC on %s:%d", settings.host, app.state.grpc_port)
     try:
+        if settings.grpc_port is not None:
+            grpc_server, app.state.grpc_port = await grpc_frontend().start_grpc_server(
+                app, settings.host, settings.grpc_port, settings.max_upload_bytes)
+            log.info("KServe v2 gRPC on %s:%d", settings.host, app.state.grpc_port)
         yield
     finally:
         state.ready = False

@@ -1,9 +1,10 @@
 """KServe v2 over gRPC against a real server on 127.0.0.1, driven by Triton's own clients
 (``tritonclient.grpc``, and its generated stub for typed contents): the same answers as
 ``tritonclient.http`` and ``/classify``, and the protocol's status codes for bad input, a missing
-token, a full queue and a deadline. Tiny model at 64 px."""
+token, a full queue and a deadline; running calls finish on shutdown. Tiny model at 64 px."""
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -150,3 +151,19 @@ def test_full_queue_is_resource_exhausted_and_timeout_is_deadline_exceeded(model
     with live_server(settings) as _:
         client = triton_grpc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
         assert status_of(lambda: client.infer(MODEL, [grpc_input(images(1))])) == "StatusCode.DEADLINE_EXCEEDED"
+
+
+def test_graceful_shutdown_finishes_running_grpc_calls(model_files):
+    settings = grpc_settings(model_files, image_size=224, max_batch_size=1, max_delay_ms=0)
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    with live_server(settings) as (server, _):
+        batcher = server.config.app.state.server.batcher
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
+        with ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(client.infer, MODEL, [grpc_input(x)], client_timeout=60) for _ in range(4)]
+            deadline = time.monotonic() + 30
+            while batcher.queued_images < 3 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert batcher.queued_images == 3
+            server.should_exit = True
+            assert [call.result().as_numpy("logits").shape for call in calls] == [(1, 10)] * 4
