@@ -125,9 +125,13 @@ def _for_replicas(settings: ServeSettings) -> ServeSettings:
     return settings.model_copy(update=files)
 
 
+def _cpus_per_replica(settings: ServeSettings) -> float:
+    return settings.ray_num_cpus_per_replica or settings.threads or 1
+
+
 def deployment_options(settings: ServeSettings) -> dict:
     """Ray Serve's deployment options from rmt-serve's settings."""
-    actor = {"num_cpus": settings.ray_num_cpus_per_replica or settings.threads or 1}
+    actor = {"num_cpus": _cpus_per_replica(settings)}
     if settings.device.startswith("cuda"):
         actor["num_gpus"] = 1
     options = {
@@ -199,9 +203,12 @@ def serve_on_ray(settings: ServeSettings) -> int:
         print(f"rmt-serve: cannot load the model: {problem}", file=sys.stderr)
         return 1
     from ray import serve
-    cpus = (settings.ray_num_cpus_per_replica or settings.threads or 1) * max(settings.replicas,
-                                                                             settings.max_replicas or 0)
-    started_cluster = connect(None if local else settings.ray, cpus, component="serve", log_to_driver=True)
+    cpus = _cpus_per_replica(settings) * max(settings.replicas, settings.max_replicas or 0)
+    try:
+        started_cluster = connect(None if local else settings.ray, cpus, component="serve", log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:     # no cluster there, or a bad address
+        print(f"rmt-serve: cannot reach the Ray cluster at {settings.ray}: {exc}", file=sys.stderr)
+        return 1
     previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         serve.start(http_options=http_options(settings))
@@ -217,7 +224,8 @@ def serve_on_ray(settings: ServeSettings) -> int:
         print(f"rmt-serve: Ray Serve could not deploy: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)        # a second Ctrl-C must not cut the shutdown short
+        for signum in previous:         # a second Ctrl-C or SIGTERM must not cut the shutdown short
+            signal.signal(signum, signal.SIG_IGN)
         if started_cluster:
             serve.shutdown()
         else:
