@@ -5,18 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rmt_deploy.cli_args import at_least
+
 USAGE = """rmt-bench [options]            throughput and latency (see below)
        rmt-bench accuracy --data DIR  top-1/top-5 per backend and precision
        rmt-bench serve ...            load benchmark of a running server (rmt-bench serve -h)"""
-
-
-def _at_least(low, kind=int):
-    def parse(text: str):
-        value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-    return parse
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -41,11 +34,11 @@ def bench_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmt-bench", usage=USAGE, description=__doc__)
     _common(parser)
     add_batch_size_arg(parser, sweep=True, default=[1, 8, 64])
-    parser.add_argument("--warmup", type=_at_least(0), default=5, help="untimed calls before measuring")
+    parser.add_argument("--warmup", type=at_least(0), default=5, help="untimed calls before measuring")
     timed = parser.add_mutually_exclusive_group()
-    timed.add_argument("--iters", type=_at_least(1), help="timed calls per repeat (default 20)")
-    timed.add_argument("--duration", type=_at_least(0.01, float), help="seconds per repeat instead of --iters")
-    parser.add_argument("--repeats", type=_at_least(1), default=3, help="images/s is the median over these")
+    timed.add_argument("--iters", type=at_least(1), help="timed calls per repeat (default 20)")
+    timed.add_argument("--duration", type=at_least(0.01, float), help="seconds per repeat instead of --iters")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="images/s is the median over these")
     parser.add_argument("--onnx", help="benchmark this ONNX file instead of exporting one")
     parser.add_argument("--engine", help="benchmark this TensorRT engine instead of building one")
     parser.add_argument("--csv", help="write one row per result")

@@ -6,40 +6,42 @@ import argparse
 import signal
 import sys
 
-# rmt-bench's argument checks until the shared CLI vocabulary (issue 18) holds them
-from rmt_deploy.benchmarks.cli import _at_least
+from rmt_deploy.cli_args import (add_backend_arg, add_batch_size_arg, add_device_args, add_image_size_arg,
+                                 add_model_args, add_precision_arg, at_least)
 
-from .predictor import FILE_BACKENDS, PredictOptions
+from .predictor import PredictOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rmt_deploy.runners import BACKENDS
+    from rmt_deploy.runners import backends_for, reference_backend
     p = argparse.ArgumentParser(prog="rmt-predict", description=__doc__)
-    p.add_argument("--model", default="rmt_t", help="variant name, 'auto' or a JSON config file")
-    p.add_argument("--checkpoint", help="released checkpoint (random, seeded weights without one)")
-    p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto", help="EMA or raw checkpoint weights")
+    add_model_args(p)
+    add_backend_arg(p, default=reference_backend())
+    add_precision_arg(p, default=(None,))     # None: fp32, or the given file's own
+    add_image_size_arg(p)
+    add_batch_size_arg(p, default=8)
+    add_device_args(p)
     p.add_argument("--data", required=True, help="folder (recursive), text file of paths, or 'shards/*.tar'")
     p.add_argument("--output", required=True, help="output folder of Parquet parts (e.g. OUT.parquet)")
-    p.add_argument("--backend", choices=[b for b in BACKENDS if b != "tensorrt"], default="eager")
-    p.add_argument("--onnx", help=f"ONNX file for {', '.join(FILE_BACKENDS)} (default: export one, cached)")
-    p.add_argument("--cache-dir", default=".rmt_cache", help="where exported ONNX files are kept")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.add_argument("--image-size", "--img-size", type=_at_least(32), default=224, help="S of the S x S crop")
-    p.add_argument("--batch-size", type=_at_least(1), default=8)
-    p.add_argument("--workers", type=_at_least(0), help="decoding processes (0: in this process; default: cores-1, max 4)")
-    p.add_argument("--top-k", type=_at_least(1), default=5)
+    own = "; it runs in its own precision (refused if --precision says another)"
+    p.add_argument("--onnx", help=f"ONNX file for {', '.join(backends_for('onnx'))} (default: export one, cached){own}")
+    p.add_argument("--engine", help=f"TensorRT engine for {', '.join(backends_for('engine'))} (default: build one, "
+                   f"cached){own}")
+    p.add_argument("--cache-dir", default=".rmt_cache", help="where prepared ONNX files and engines are kept")
+    p.add_argument("--workers", type=at_least(0),
+                   help="decoding processes (0: in this process; default: cores-1, max 4)")
+    p.add_argument("--top-k", type=at_least(1), default=5)
     p.add_argument("--embeddings", action="store_true", help="add the pooled pre-head vector (column 'embedding')")
     p.add_argument("--features-pooled", action="store_true",
                    help="features model: one column per stage, globally average-pooled (no classification)")
     p.add_argument("--resume", action="store_true", help="continue into --output, skipping paths already written")
-    p.add_argument("--rows-per-file", type=_at_least(1), default=1000, help="rows per Parquet part file")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=_at_least(1), help="intra-op threads of the runner (per actor with --ray)")
+    p.add_argument("--rows-per-file", type=at_least(1), default=1000, help="rows per Parquet part file")
     ray = p.add_argument_group("Ray Data")
     ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="run on Ray: join ADDRESS (ray://host:10001, host:6379, auto) or start a local cluster")
-    ray.add_argument("--num-actors", type=_at_least(1), default=1, help="actors, each holding one runner")
-    ray.add_argument("--gpus-per-actor", type=_at_least(0, float), default=0.0)
+    ray.add_argument("--num-actors", type=at_least(1), default=1,
+                     help="actors, each holding one runner (of --threads threads)")
+    ray.add_argument("--gpus-per-actor", type=at_least(0, float), default=0.0)
     return p
 
 
@@ -48,7 +50,8 @@ def options_from(args: argparse.Namespace) -> PredictOptions:
         raise ValueError("--embeddings (classifier's pooled vector) and --features-pooled (features model) exclude "
                          "each other")
     return PredictOptions(model=args.model, checkpoint=args.checkpoint, weights=args.weights, backend=args.backend,
-                          onnx=args.onnx, precision=args.precision, device=args.device, threads=args.threads,
+                          onnx=args.onnx, engine=args.engine, precision=args.precision, device=args.device,
+                          threads=args.threads,
                           image_size=args.image_size, batch_size=args.batch_size, top_k=args.top_k,
                           embeddings=args.embeddings, features_pooled=args.features_pooled, cache_dir=args.cache_dir)
 

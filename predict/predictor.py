@@ -1,29 +1,34 @@
-"""The runner behind rmt-predict and the rows it produces: one place opens the runner (any backend),
-one place turns its outputs into the Parquet columns, for the local run and every Ray actor alike."""
+"""The runner behind rmt-predict and the rows it produces: one place opens the runner (any backend of
+the registry), one place turns its outputs into the Parquet columns, for the local run and every Ray
+actor alike."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from rmt_deploy.artifact import ExportPlan, Range
 from rmt_deploy.labels import class_labels
-from rmt_deploy.runners import Runner, infer_padded
+from rmt_deploy.runners import Backend, Runner, RunnerUnavailable, backends_for, get_backend, infer_padded, \
+    reference_backend
 
-FILE_BACKENDS = ("onnxruntime", "openvino")
+FILE_KINDS = ("onnx", "engine")     # the artifact kinds a file is given for (--onnx, --engine)
 
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """What to run; picklable, so Ray actors open the same runner from it."""
+    """What to run; picklable, so Ray actors open the same runner from it. ``precision`` None: fp32, or
+    a given file's own."""
 
     model: str = "rmt_t"
     checkpoint: str | None = None
     weights: str = "auto"
-    backend: str = "eager"
+    backend: str = field(default_factory=reference_backend)
     onnx: str | None = None
-    precision: str = "fp32"
+    engine: str | None = None
+    precision: str | None = None
     device: str = "cpu"
     threads: int | None = None
     image_size: int = 224
@@ -37,6 +42,18 @@ class PredictOptions:
     def task(self) -> str:
         return "features" if self.features_pooled else "classify"
 
+    def given_file(self, backend: Backend) -> str | None:
+        """The file given for ``backend``'s artifact kind (None: prepare one). A file of another kind is refused."""
+        for kind in FILE_KINDS:
+            if getattr(self, kind) and kind != backend.artifact:
+                runs = "the model itself" if backend.artifact == "model" else f"{backend.artifact} files"
+                raise ValueError(f"--{kind} is for {', '.join(backends_for(kind))}; --backend {backend.name} "
+                                 f"runs {runs}")
+        return getattr(self, backend.artifact) if backend.artifact in FILE_KINDS else None
+
+    def with_file(self, backend: Backend, path: str) -> "PredictOptions":
+        return replace(self, **{backend.artifact: path})
+
 
 @dataclass
 class Predictor:
@@ -48,9 +65,13 @@ class Predictor:
     output_names: list[str] = field(default_factory=list)
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs for ``images``; a static-batch file (a given one may hold fewer rows than --batch-size)
+        is fed in slices of its batch, the last one padded."""
         if not len(images):
             return {}
-        return infer_padded(self.runner, images, self.static_batch or len(images))
+        step = self.static_batch or len(images)
+        parts = [infer_padded(self.runner, images[i:i + step], step) for i in range(0, len(images), step)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def close(self) -> None:
         self.runner.close()
@@ -66,34 +87,57 @@ def _model(options: PredictOptions):
     return model.with_embedding() if options.embeddings else model
 
 
-def _onnx_file(options: PredictOptions, model) -> Path:
-    """The given --onnx file, or one exported through rmt-bench's cache (static batch = --batch-size).
-    A model with the embedding output is cached apart: the cache key knows config and weights only."""
-    if options.onnx:
-        return Path(options.onnx)
+def _prepare(backend: Backend, options: PredictOptions) -> Path:
+    """The backend's artifact, prepared (exported, built) through rmt-bench's cache, the export library's
+    one route, for a static batch of --batch-size. A model with the embedding output is cached apart: the
+    cache key knows config and weights only."""
     from rmt_deploy.benchmarks.artifacts import ArtifactCache
-    root = Path(options.cache_dir) / ("embedding" if options.embeddings else "")
-    return ArtifactCache(root).onnx(model, batch_size=options.batch_size, size=options.image_size,
-                                    fp16=options.precision == "fp16", portable=options.device.startswith("cuda"))
+    cache = ArtifactCache(Path(options.cache_dir) / ("embedding" if options.embeddings else ""))
+    plan = ExportPlan(batch=Range.fixed(options.batch_size), height=options.image_size, width=options.image_size,
+                      precisions=(options.precision or "fp32",), device=options.device)
+    return backend.prepare(_model(options), plan, cache)
+
+
+def _check_file_precision(options: PredictOptions, runner: Runner) -> None:
+    """A file computes in its own precision: a given one that is not the --precision asked is refused."""
+    described = runner.metadata().artifact
+    precision = described.precision if described else runner.precision
+    if options.precision and precision != options.precision:
+        raise ValueError(f"--precision {options.precision}: {runner.path} is a {precision} file (its artifact "
+                         f"description says so); give a {options.precision} file, or leave out the file to export one")
+
+
+def _open_runner(options: PredictOptions) -> tuple[Runner, list[str]]:
+    """Build and load the runner of ``options`` and name its outputs (the one place a backend is opened).
+    A backend that cannot run the precision on the device is refused with the registry's reason before
+    any model is built or file exported."""
+    backend = get_backend(options.backend)
+    reason = backend.unavailable_reason(options.device, options.precision or "fp32")
+    if reason:
+        raise RunnerUnavailable(reason)
+    given = options.given_file(backend)
+    if backend.artifact == "model":
+        model = _model(options)
+        runner = backend.open(model=model, device=options.device, precision=options.precision,
+                              threads=options.threads, dynamic_batch=True).load()
+        return runner, list(model.output_names)
+    path = Path(given) if given else _prepare(backend, options)
+    runner = backend.open(artifact=path, device=options.device, threads=options.threads,
+                          precision=None if given else options.precision).load()
+    return runner, [t.name for t in runner.metadata().outputs]
 
 
 def open_predictor(options: PredictOptions) -> Predictor:
-    """Build and load the runner of ``options`` (the one place a backend is opened: at the registry's
-    merge this becomes ``get_backend(name).open(...)``). Raises ValueError / RunnerUnavailable."""
-    from rmt_deploy.runners import open_runner
-    model = _model(options) if options.backend not in FILE_BACKENDS or not options.onnx else None
-    if options.backend in FILE_BACKENDS:
-        runner = open_runner(options.backend, onnx=_onnx_file(options, model), device=options.device,
-                             threads=options.threads).load()
-    else:
-        if options.threads:
-            import torch
-            torch.set_num_threads(options.threads)
-        runner = open_runner(options.backend, model=model, device=options.device, precision=options.precision,
-                             dynamic_batch=True).load()
+    """Open the runner of ``options`` and read what it takes and returns. Raises ValueError / RunnerUnavailable."""
+    runner, names = _open_runner(options)
+    try:
+        if get_backend(options.backend).artifact != "model":
+            _check_file_precision(options, runner)
+        _check_outputs(options, names, runner)
+    except ValueError:
+        runner.close()
+        raise
     meta = runner.metadata()
-    names = [t.name for t in meta.outputs] if options.backend in FILE_BACKENDS else list(model.output_names)
-    _check_outputs(options, names, runner)
     static_batch, height, width = meta.fixed_input_dims()
     size = height if height is not None and height == width else options.image_size
     classes = 0 if options.features_pooled else int(meta.outputs[0].shape[-1])
@@ -107,8 +151,9 @@ def _check_outputs(options: PredictOptions, names: list[str], runner: Runner) ->
     if not options.features_pooled and "logits" not in names:
         raise ValueError(f"{where} outputs {names}, no logits: add --features-pooled for a features model")
     if options.embeddings and "embedding" not in names:
-        raise ValueError(f"--embeddings: {where} has no 'embedding' output; use --backend eager/compile, or let "
-                         "rmt-predict export the file (leave out --onnx), which adds it")
+        raise ValueError(f"--embeddings: {where} has no 'embedding' output; use --backend "
+                         f"{'/'.join(backends_for('model'))}, or let rmt-predict export the file (leave out the "
+                         "file), which adds it")
 
 
 def output_schema(options: PredictOptions, stage_names: list[str] | None = None) -> pa.Schema:

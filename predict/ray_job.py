@@ -12,11 +12,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rmt_deploy import ray_cluster
+from rmt_deploy.runners import get_backend
 
 from .decode import decode_one
 from .local import RunSummary, pending_sources
 from .output import part_files
-from .predictor import FILE_BACKENDS, PredictOptions, open_predictor, rows_table
+from .predictor import PredictOptions, open_predictor, rows_table
 from .sources import Source
 
 DECODE_CPUS = 0.5      # decoding one batch is light next to inferring it
@@ -42,15 +43,17 @@ def decode_rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray
 
 
 def _for_actors(options: PredictOptions) -> tuple[PredictOptions, int]:
-    """Options every actor can open wherever it runs (files by absolute path, an ONNX file exported
-    once here), and the runner's input size (a file's own), known before decoding starts."""
+    """Options every actor can open wherever it runs (files by absolute path, an ONNX file or engine
+    prepared once here), and the runner's input size (a file's own), known before decoding starts."""
     def absolute(path):
         return os.path.abspath(path) if path and os.path.exists(path) else path
     probe = open_predictor(options)
-    onnx = getattr(probe.runner, "path", None) if options.backend in FILE_BACKENDS else None
+    backend = get_backend(options.backend)
+    if backend.artifact != "model":
+        options = options.with_file(backend, absolute(str(probe.runner.path)))
     probe.close()
     return replace(options, model=absolute(options.model), checkpoint=absolute(options.checkpoint),
-                   onnx=absolute(onnx and str(onnx)), cache_dir=os.path.abspath(options.cache_dir)), probe.image_size
+                   cache_dir=os.path.abspath(options.cache_dir)), probe.image_size
 
 
 class PredictActor:

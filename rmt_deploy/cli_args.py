@@ -31,11 +31,21 @@ def comma_list(kind=str, choices=None, at_least=None):
     return parse
 
 
+def at_least(low, kind=int):
+    """An argparse type: ``kind(text)``, refused below ``low`` (``at_least(1)``: a positive count)."""
+    def parse(text: str):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
 def one_of(choices):
     def parse(text: str) -> str:
         known = choices()
         if text not in known:
-            raise argparse.ArgumentTypeError(f"unknown {text!r}; choose from {', '.join(known)}")
+            raise argparse.ArgumentTypeError(f"unknown {text}; choose from {', '.join(known)}")
         return text
     return parse
 
@@ -70,16 +80,9 @@ class _EmaAlias(argparse.Action):
 def add_device_args(parser, *, device_default: str | None = "cpu", device_help: str = "cpu, cuda or cuda:N"):
     group = parser.add_argument_group("device")
     group.add_argument("--device", default=device_default, help=device_help)
-    group.add_argument("--threads", type=_positive_int,
+    group.add_argument("--threads", type=at_least(1),
                        help="inference threads (torch, ONNX Runtime, OpenVINO; default: theirs)")
     return group
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def add_precision_arg(parser, *, sweep: bool = False, default=("fp32",), fp16_alias: bool = False):
@@ -96,9 +99,10 @@ def add_precision_arg(parser, *, sweep: bool = False, default=("fp32",), fp16_al
 def add_image_size_arg(parser, *, default: int = 224, pair: bool = False):
     """``--image-size S`` (``S`` or ``H W`` where a tool takes non-square inputs); ``--img-size`` hidden."""
     extra = {"nargs": "+", "default": [default], "metavar": "S"} if pair else {"default": default}
-    parser.add_argument("--image-size", type=int, help="input size S (or H W)" if pair else "input size S x S",
+    # every RMT downsamples by 32: a smaller input leaves the last stage no pixel
+    parser.add_argument("--image-size", type=at_least(32), help="input size S (or H W)" if pair else "input size S x S",
                         **extra)
-    parser.add_argument("--img-size", type=int, dest="image_size", help=argparse.SUPPRESS,
+    parser.add_argument("--img-size", type=at_least(32), dest="image_size", help=argparse.SUPPRESS,
                         **({"nargs": "+"} if pair else {}), default=argparse.SUPPRESS)
 
 
@@ -118,8 +122,8 @@ def add_batch_size_arg(parser, *, sweep: bool = False, default=1):
         parser.add_argument("--batch-sizes", type=comma_list(int, at_least=1), default=list(default),
                             help="comma-separated batch sizes")
     else:
-        parser.add_argument("--batch-size", type=_positive_int, default=default, help="batch size")
+        parser.add_argument("--batch-size", type=at_least(1), default=default, help="batch size")
 
 
 __all__ = ["MODEL_HELP", "SHARED_OPTIONS", "add_backend_arg", "add_batch_size_arg", "add_device_args",
-           "add_image_size_arg", "add_model_args", "add_precision_arg", "comma_list", "one_of"]
+           "add_image_size_arg", "add_model_args", "add_precision_arg", "at_least", "comma_list", "one_of"]

@@ -35,7 +35,7 @@ def make_jpegs(folder: Path, count: int, fixtures: Path) -> None:
 
 def bench_offline(args, backends: list[str], out: Path, threads: int) -> dict[str, float]:
     cmd = [sys.executable, "-m", "rmt_deploy.benchmarks.cli", "--threads", str(threads), "--model", args.model, "--backends", ",".join(backends),
-           "--batch-sizes", str(args.batch_size), "--img-size", str(args.image_size), "--cache-dir", args.cache_dir,
+           "--batch-sizes", str(args.batch_size), "--image-size", str(args.image_size), "--cache-dir", args.cache_dir,
            "--warmup", "2", "--iters", str(args.bench_iters), "--repeats", "3", "--json", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return {r["backend"]: r["images_per_s"] for r in json.loads(out.read_text())["results"] if "skipped" not in r}
@@ -57,22 +57,25 @@ def predict(args, data: Path, output: Path, backend: str, ray: bool, threads: in
 
 
 def main() -> int:
+    from rmt_deploy.cli_args import add_backend_arg, add_batch_size_arg, add_image_size_arg, one_of
+    from rmt_deploy.runners import backend_names, backends_for, reference_backend
+    onnx_backend = backends_for("onnx")[0]      # the reference and the first ONNX backend by default
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="rmt_t")
-    ap.add_argument("--backends", default="eager,onnxruntime")
+    add_backend_arg(ap, sweep=True, default=[reference_backend(), onnx_backend])
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--image-size", type=int, default=224)
+    add_batch_size_arg(ap, default=8)
+    add_image_size_arg(ap)
     ap.add_argument("--bench-iters", type=int, default=10, help="rmt-bench's timed calls per repeat (3 repeats)")
     ap.add_argument("--threads", default="2,1", help="runner threads to compare at, comma-separated (the first "
                     "one also for the Ray actor's CPUs and threads)")
-    ap.add_argument("--ray-backend", default="onnxruntime")
+    ap.add_argument("--ray-backend", type=one_of(backend_names), default=onnx_backend)
     ap.add_argument("--cache-dir", default=".rmt_cache")
     ap.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
     ap.add_argument("--json")
     args = ap.parse_args()
-    backends = args.backends.split(",")
+    backends = args.backends
     work = Path(tempfile.mkdtemp(prefix="rmt-predict-bench-"))
     make_jpegs(work / "jpegs", args.images, Path(args.fixtures))
     threads = [int(t) for t in args.threads.split(",")]

@@ -5,7 +5,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_venv.sh"
 model="${RMT_MODEL:-rmt_t}"
-.venv/bin/rmt-export --model "$model" ${RMT_CHECKPOINT:+--checkpoint "$RMT_CHECKPOINT"} --fp16 \
+.venv/bin/rmt-export --model "$model" ${RMT_CHECKPOINT:+--checkpoint "$RMT_CHECKPOINT"} --precision fp32,fp16 \
   --dynamic-batch 1:8:64 --output "exports/$model"
 mkdir -p bench_out
 .venv/bin/rmt-bench --model "$model" ${RMT_CHECKPOINT:+--checkpoint "$RMT_CHECKPOINT"} \

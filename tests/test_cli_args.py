@@ -17,12 +17,14 @@ def _help(capsys, main, argv) -> str:
 def test_every_tool_spells_the_shared_options_alike(capsys):
     from rmt_deploy.benchmarks.cli import main as bench
     from rmt_deploy.exporters.cli import main as export
+    from rmt_deploy.predict.cli import main as predict
     from rmt_deploy.server.cli import main as serve
     helps = {"rmt-export": (_help(capsys, export, ["--help"]), {"--backends", "--batch-size"}),
              "rmt-serve": (_help(capsys, serve, ["--help"]), {"--backend"}),
              "rmt-bench": (_help(capsys, bench, ["--help"]), {"--backends", "--batch-sizes"}),
              "rmt-bench accuracy": (_help(capsys, bench, ["accuracy", "--help"]), {"--backends", "--batch-size"}),
-             "rmt-bench serve": (_help(capsys, bench, ["serve", "--help"]), {"--backend"})}
+             "rmt-bench serve": (_help(capsys, bench, ["serve", "--help"]), {"--backend"}),
+             "rmt-predict": (_help(capsys, predict, ["--help"]), {"--backend", "--batch-size"})}
     for tool, (text, own) in helps.items():
         missing = [flag for flag in (*SHARED_OPTIONS, *own) if f"{flag} " not in text and f"{flag}\n" not in text]
         assert not missing, f"{tool} --help lacks {missing}"
@@ -38,12 +40,15 @@ def test_old_spellings_are_hidden_aliases():
     assert build_parser().parse_args(["--no-ema"]).weights == "model"
     assert bench_parser().parse_args(["--img-size", "32"]).image_size == 32
     assert bench_parser().parse_args(["--image-size", "32", "--precision", "fp32,bf16"]).precision == ["fp32", "bf16"]
+    from rmt_deploy.predict.cli import build_parser as predict_parser
+    assert predict_parser().parse_args(["--img-size", "96", "--data", "d", "--output", "o"]).image_size == 96
 
 
 def test_unknown_precision_is_refused_alike(capsys):
     from rmt_deploy.benchmarks.cli import bench_parser
     from rmt_deploy.exporters.cli import build_parser
-    for parser in (build_parser(), bench_parser()):
+    from rmt_deploy.predict.cli import build_parser as predict_parser
+    for parser in (build_parser(), bench_parser(), predict_parser()):
         with pytest.raises(SystemExit):
             parser.parse_args(["--precision", "fp8"])
         assert "unknown fp8; choose from fp32, fp16, bf16" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def test_backend_names_are_spelled_only_in_the_registry_entries():
     """Like `git grep`: outside the registry, the runners' entries, tests and docs, no source spells a
     backend's name as a string literal (tools ask the registry)."""
     spelled = []
-    for folder in ("rmt_deploy", "exporters", "server", "benchmarks", "scripts"):
+    for folder in ("rmt_deploy", "exporters", "server", "benchmarks", "predict", "scripts"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             relative = path.relative_to(ROOT)
             if relative in _ENTRIES:
