@@ -215,6 +215,7 @@ def test_killed_replica_loses_only_its_requests_and_is_replaced(ray_server):
         waiting_seen |= "replicas" in r.json()["status"]
         time.sleep(0.3)
     assert waiting_seen, "/readyz should have waited for the replacement replica"
+    print(f"2 replicas ready again {time.monotonic() - killed_at:.1f} s after the kill")
     after = load(url, 48)
     assert [o for o in after if o.status != 200] == []
     answering = {o.replica for o in after}
