@@ -106,13 +106,21 @@ class ReplicaServer:
 
     async def check_health(self) -> None:
         """Ray calls this every HEALTH_CHECK_PERIOD_S once the replica runs; raising makes Ray replace it."""
-        state = getattr(self.app.state, "server", None)
-        if state is None or not state.ready:        # shutting down: the drain decides, not the health check
-            return
-        if not state.batcher.running:
-            raise RuntimeError("the dynamic batcher has stopped: this replica cannot infer")
-        if state.batcher.failures_in_a_row >= RUNNER_FAILURES_UNHEALTHY:
-            raise RuntimeError(f"the runner failed {state.batcher.failures_in_a_row} batches in a row")
+        if problem := replica_health_problem(self.app):
+            raise RuntimeError(problem)
+
+
+def replica_health_problem(app) -> str | None:
+    """Why the app's replica cannot serve (its batcher stopped, or its runner failed batch after
+    batch: a lost device, a corrupted session), or None. Not judged while it starts or drains."""
+    state = getattr(app.state, "server", None)
+    if state is None or not state.ready:
+        return None
+    if not state.batcher.running:
+        return "the dynamic batcher has stopped: this replica cannot infer"
+    if state.batcher.failures_in_a_row >= RUNNER_FAILURES_UNHEALTHY:
+        return f"the runner failed {state.batcher.failures_in_a_row} batches in a row"
+    return None
 
 
 def _for_replicas(settings: ServeSettings) -> ServeSettings:
