@@ -87,9 +87,15 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmt-infer")
         self._task: asyncio.Task | None = None
         self._busy = False
+        self.failures_in_a_row = 0        # runner calls that raised since the last one that worked
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="rmt-batcher")
+
+    @property
+    def running(self) -> bool:
+        """The batching task is alive: only drain() (or a bug) ends it."""
+        return self._task is not None and not self._task.done()
 
     @property
     def queued_images(self) -> int:
@@ -175,10 +181,12 @@ class DynamicBatcher:
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.infer, images)
         except Exception as exc:  # the runner failed: every request of this batch gets the error
+            self.failures_in_a_row += 1
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
+        self.failures_in_a_row = 0
         infer_ms = (time.perf_counter() - started) * 1e3
         self.metrics.infer_seconds.observe(infer_ms / 1e3)
         self.metrics.batch_size.observe(len(images))
