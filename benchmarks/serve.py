@@ -61,16 +61,14 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str]):
     """(options, settings): the load test's own options, and the rest as the server's settings (`ServeSettings`, the class
     rmt-serve parses its flags into), so both take the same flags with the same checks."""
-    from pydantic_settings import CliApp
-
-    from rmt_deploy.server.settings import ServeSettings
+    from rmt_deploy.server.settings import parse_cli
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if args.help:
         parser.print_help()
         print("\nserver options:")
-        CliApp.run(ServeSettings, cli_args=["--help"])      # prints the server's options, exits 0
-    return args, CliApp.run(ServeSettings, cli_args=rest)
+        parse_cli(["--help"])       # prints the server's options, exits 0
+    return args, parse_cli(rest)
 
 
 def sample_jpegs(count: int = 16) -> list[bytes]:

@@ -94,9 +94,8 @@ def run(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rmt_deploy.ray_cluster import RayMissing
     from rmt_deploy.runners import RunnerUnavailable
-
-    from .ray_job import RayMissing
     args = build_parser().parse_args(argv)
     _stop_on_sigterm()
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from rmt_deploy import ray_cluster
 from rmt_deploy.runners import get_backend
 
 from .decode import decode_one
@@ -20,33 +21,6 @@ from .predictor import PredictOptions, open_predictor, rows_table
 from .sources import Source
 
 DECODE_CPUS = 0.5      # decoding one batch is light next to inferring it
-INSTALL_HINT = "pip install 'rmt-deploy[ray]'"
-
-
-class RayMissing(RuntimeError):
-    pass
-
-
-def import_ray():
-    try:
-        import ray
-        import ray.data  # noqa: F401 -- the [data] extra
-    except ImportError as exc:
-        raise RayMissing(f"--ray needs Ray Data, which is not installed here ({exc}): {INSTALL_HINT}") from exc
-    return ray
-
-
-def connect(address: str | None, cpus_needed: int) -> None:
-    """Join the cluster at ``address`` ("ray://host:10001", "host:6379" or "auto"), or start a local one
-    on 127.0.0.1 without the dashboard, with enough logical CPUs for the actors plus decoding tasks."""
-    ray = import_ray()
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
 
 
 def _source_rows(sources: list[Source]) -> list[dict]:
@@ -98,13 +72,13 @@ def run_ray(options: PredictOptions, data: str, output: str | Path, *, address: 
             num_actors: int = 1, gpus_per_actor: float = 0.0, resume: bool = False,
             rows_per_file: int = 1000) -> RunSummary:
     """Run the pending images of ``data`` on the cluster; rows land in ``output`` as Ray writes them."""
-    ray = import_ray()
+    ray = ray_cluster.import_ray("data")
     sources, listed = pending_sources(data, output, resume)
     start = time.perf_counter()
     if not sources:
         return RunSummary(listed, listed, 0, 0, 0.0)
     cpus_per_actor = options.threads or 1
-    connect(address, num_actors * cpus_per_actor + 1)
+    ray_cluster.connect(address, num_actors * cpus_per_actor + 1, component="data")
     options, size = _for_actors(options)
     dataset = ray.data.from_items(_source_rows(sources))
     # decoding stays in tasks of its own (different resources keep Ray from fusing it into the actors)

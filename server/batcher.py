@@ -96,12 +96,18 @@ class DynamicBatcher:
         self._forming = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._busy = 0                    # batches taken and not yet answered, for drain()
+        self.failures_in_a_row = 0        # runner calls that raised since the last one that worked
         for i in range(len(self.instances)):
             metrics.instance_busy_seconds.labels(str(i))      # every instance listed from the start, at 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(i), name=f"rmt-batcher-{i}") for i in range(len(self.instances))]
+
+    @property
+    def running(self) -> bool:
+        """Every instance's batching task is alive: only drain() (or a bug) ends them."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     @property
     def queued_images(self) -> int:
@@ -189,12 +195,14 @@ class DynamicBatcher:
             outputs = await asyncio.get_running_loop().run_in_executor(
                 self._executors[instance], self.instances[instance], images)
         except Exception as exc:  # the runner failed: every request of this batch gets the error
+            self.failures_in_a_row += 1
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
         finally:
             self.metrics.instance_busy_seconds.labels(str(instance)).inc(time.perf_counter() - started)
+        self.failures_in_a_row = 0
         infer_ms = (time.perf_counter() - started) * 1e3
         self.metrics.infer_seconds.observe(infer_ms / 1e3)
         self.metrics.batch_size.observe(len(images))

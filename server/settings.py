@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliApp, CliSettingsSource, CliSuppress, SettingsConfigDict
 
 from rmt_deploy.checkpoint import WEIGHT_CHOICES
 from rmt_deploy.runners import backend_names, get_backend, precision_names
+
+LOCAL_CLUSTER = "local"         # --ray without an address
 
 
 class ServeSettings(BaseSettings):
@@ -57,6 +59,15 @@ class ServeSettings(BaseSettings):
                                                                     "(RMT_API_KEY; environment only)")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none: CORS off")
     log_level: str = "info"
+    # rmt-serve --ray: the same app on Ray Serve replicas (server/ray_serve.py, docs/scale-out.md)
+    ray: str | None = Field(None, description="serve on Ray Serve: a cluster address (ray://HOST:10001, HOST:6379, "
+                                              "auto) to join, or no value (or 'local') for a local cluster")
+    replicas: int = Field(1, ge=1, description="--ray: replicas, each with its own runner and batcher (with an "
+                                               "autoscaling range: the initial number)")
+    min_replicas: int | None = Field(None, ge=0, description="--ray: autoscaling range, lowest")
+    max_replicas: int | None = Field(None, ge=1, description="--ray: autoscaling range, highest")
+    ray_num_cpus_per_replica: float | None = Field(None, gt=0, description="--ray: CPUs Ray reserves per replica "
+                                                                           "(default: --threads, or 1)")
 
     @field_validator("api_key")
     @classmethod
@@ -84,3 +95,28 @@ class ServeSettings(BaseSettings):
         if kind != "model" and getattr(self, kind) is None:
             raise ValueError(f"--backend {self.backend} needs --{kind} FILE")
         return self
+
+    @model_validator(mode="after")
+    def _replicas_need_ray(self) -> "ServeSettings":
+        replica_options = {"replicas", "min_replicas", "max_replicas", "ray_num_cpus_per_replica"}
+        if self.ray is None and replica_options & self.model_fields_set:
+            raise ValueError("--replicas, --min-replicas, --max-replicas and --ray-num-cpus-per-replica apply "
+                             "with --ray")
+        low, high = self.min_replicas, self.max_replicas
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"--min-replicas {low} is above --max-replicas {high}")
+        return self
+
+
+def _ray_flag_takes_an_optional_address(parser, *names, **kwargs):
+    """``--ray`` alone means a local cluster, ``--ray ADDRESS`` joins one (as in rmt-predict); the
+    settings' CLI has no optional values, so the argparse argument gets one here."""
+    if "--ray" in names:
+        kwargs.update(nargs="?", const=LOCAL_CLUSTER, metavar="ADDRESS")
+    return parser.add_argument(*names, **kwargs)
+
+
+def parse_cli(argv: list[str]) -> ServeSettings:
+    """Flags (then RMT_* variables, then defaults) -> settings; raises ValidationError / SettingsError."""
+    source = CliSettingsSource(ServeSettings, add_argument_method=_ray_flag_takes_an_optional_address)
+    return CliApp.run(ServeSettings, cli_args=argv, cli_settings_source=source)
