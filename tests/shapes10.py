@@ -3,6 +3,9 @@ precision: the model, its exported ONNX file, and a degraded copy of its validat
 float32 top-1 is below 100 % so a one-point drop is visible."""
 from __future__ import annotations
 
+import functools
+import hashlib
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from conftest import SHARED
+from rmt_deploy.runners.base import Runner
 
 FIXTURES = SHARED / "fixtures"
 CONFIG, CHECKPOINT = FIXTURES / "shapes10_config.json", FIXTURES / "shapes10_rmt_tiny.pth"
@@ -48,3 +52,46 @@ def write_degraded(target: Path, per_class: int = 20, seed: int = 0) -> Path:
             with Image.open(path) as img:
                 degrade(img.convert("RGB"), rng).save(out / path.name)
     return target
+
+
+@functools.lru_cache(maxsize=1)
+def labelled() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The validation folder and its degraded copy, preprocessed (once per test session)."""
+    from rmt_deploy.accuracy import labelled_arrays
+    with tempfile.TemporaryDirectory() as tmp:
+        degraded = labelled_arrays(write_degraded(Path(tmp)), SIZE)
+    return {"val": labelled_arrays(VAL, SIZE), "degraded": degraded}
+
+
+def parity_images() -> np.ndarray:
+    """Twelve full batches of validation images: the same batches `labelled` feeds, so the cached
+    float32 reference answers them without running again."""
+    return labelled()["val"][0][:12 * BATCH]
+
+
+class CachedRunner(Runner):
+    """A real runner whose outputs are kept per input batch: the float32 eager reference runs each
+    batch once per test session instead of once per gate (eager is the slowest runner here)."""
+
+    def __init__(self, inner: Runner):
+        super().__init__()
+        self.inner, self.backend, self.precision = inner, inner.backend, inner.precision
+        self._outputs: dict[bytes, dict[str, np.ndarray]] = {}
+
+    def _load(self) -> None:
+        self.inner.load()
+
+    def metadata(self):
+        return self.inner.metadata()
+
+    def _infer(self, feed):
+        key = hashlib.sha1(b"".join(np.ascontiguousarray(v).tobytes() for v in feed.values())).digest()
+        if key not in self._outputs:
+            self._outputs[key] = self.inner.infer(feed)
+        return self._outputs[key]
+
+
+@functools.lru_cache(maxsize=1)
+def reference() -> CachedRunner:
+    from rmt_deploy.runners.eager import EagerRunner
+    return CachedRunner(EagerRunner(fixture_model())).load()
