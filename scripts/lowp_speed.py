@@ -48,6 +48,7 @@ def runners(paths: dict[str, Path], threads: int | None) -> dict:
             "openvino bf16 + f32 attention kernel": OpenVINORunner(paths["fp32"], threads=threads, precision="bf16",
                                                                    bf16_attention_kernel=True),
             "openvino int8": OpenVINORunner(paths["ov_int8"], threads=threads),
+            "openvino int8 + bf16 float layers": OpenVINORunner(paths["ov_int8"], threads=threads, precision="bf16"),
             "onnxruntime fp32": OnnxRuntimeRunner(paths["fp32"], threads=threads),
             "onnxruntime int8": OnnxRuntimeRunner(paths["ort_int8"], threads=threads)}
 

@@ -103,6 +103,19 @@ def test_openvino_nncf_int8_ir_passes_the_gate(fp32_onnx, calib_images, tmp_path
 
 
 @int8_here
+def test_openvino_accuracy_controlled_int8_stays_within_the_drop(fp32_onnx, calib_images, tmp_path):
+    pytest.importorskip("nncf")
+    from rmt_deploy.runners.openvino import OpenVINORunner
+    path = q.quantize_openvino(fp32_onnx, tmp_path / "int8_ac.xml", calib_images,
+                               validation=shapes10.labelled()["degraded"], max_drop=0.01)
+    candidate = OpenVINORunner(path).load()
+    assert "quantize_with_accuracy_control" in candidate.metadata().extra["rmt.quantizer"]
+    report = low_precision_gate(shapes10.reference(), candidate, "int8", shapes10.parity_images(), BATCH,
+                                labelled=shapes10.labelled()["degraded"])
+    assert report.passed and report.drop <= 1.0, report.text()
+
+
+@int8_here
 def test_calibrating_on_one_constant_image_fails_the_gate_with_a_clear_message(fp32_onnx, tmp_path):
     _write_png(tmp_path / "calib" / "grey.png", 128)
     constant = q.calibration_images(tmp_path / "calib", SIZE, min_images=1)

@@ -72,7 +72,8 @@ class OpenVINORunner(Runner):
                  bf16_attention_kernel: bool = False):
         """``path``: an ONNX file or an OpenVINO IR (.xml, e.g. NNCF's INT8). ``precision`` "bf16" computes
         in bfloat16 (the CPU must have AVX512_BF16 or AMX); otherwise the file's own precision runs
-        (float32 for fp32 and int8 files, never bfloat16 behind the user's back).
+        (float32 for fp32 and int8 files, never bfloat16 behind the user's back); "bf16" with an INT8 IR
+        computes the layers left float in bfloat16.
         ``bf16_attention_kernel``: in bf16, still run attention on the float32 small-head kernel
         (off by default: see `_small_head_attention`)."""
         super().__init__()
@@ -110,12 +111,12 @@ class OpenVINORunner(Runner):
         """(the runner's precision, the plugin's inference precision). An FP16 file computes in FP16
         where the CPU has FP16 arithmetic (AVX512-FP16, AMX-FP16), float32 everywhere else."""
         import openvino as ov
-        if self.requested_precision == "bf16":
-            return "bf16", "bf16"
-        if self._metadata.get("rmt.precision") == "int8":
-            return "int8", "f32"
+        if self._metadata.get("rmt.precision") == "int8":     # the layers NNCF left float: bf16 only if asked
+            return "int8", "bf16" if self.requested_precision == "bf16" else "f32"
         if self.requested_precision == "int8":
             raise ValueError(f"{self.path} is not an INT8 artifact: quantize it first (rmt_deploy.quantize)")
+        if self.requested_precision == "bf16":
+            return "bf16", "bf16"
         if model.inputs[0].get_element_type() == ov.Type.f16:
             return "fp16", "f16" if "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
         return "fp32", "f32"
