@@ -18,6 +18,7 @@ MATMUL_SIZES = {("cuda", "fp32"): 8192, ("cuda", "fp16"): 8192, ("cuda", "bf16")
 # reference kernels, so one small cube keeps it affordable.
 CPU_PEAK_SIZES = {"fp32": (1024, 2048, 4096), "bf16": (1024, 2048, 4096), "int8": (1024, 2048, 4096), "fp16": (256,)}
 PEAK_SECONDS = 0.5          # timed repeats of one (library, size) stop after this (at least one runs)
+PEAK_BUDGET_SECONDS = 4.0   # per precision: larger sizes are skipped once they would overrun it
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -133,16 +134,23 @@ _CPU_PRECISION_LIBRARIES = {"fp32": ("torch", "openvino", "onnxruntime"), "bf16"
                             "int8": ("torch", "openvino", "onnxruntime"), "fp16": ("torch",)}
 
 
-def _cpu_peak(precision: str, repeats: int) -> dict:
-    """The best GEMM over the libraries and sizes; each (library, size) tried is listed, failures with why."""
-    candidates = []
-    for library in _CPU_PRECISION_LIBRARIES[precision]:
-        for n in CPU_PEAK_SIZES[precision]:
+def _cpu_peak(precision: str, repeats: int, budget: float = PEAK_BUDGET_SECONDS) -> dict:
+    """The best GEMM over the libraries and sizes (sizes ascending, every library at each size); a size
+    whose warm-up and one timed call would overrun ``budget`` is not tried. Each (library, size) tried
+    is listed, failures with why."""
+    candidates, broken, start = [], set(), time.perf_counter()
+    for n in CPU_PEAK_SIZES[precision]:
+        for library in _CPU_PRECISION_LIBRARIES[precision]:
+            best = max((c["gflops"] for c in candidates if c.get("library") == library and "gflops" in c), default=None)
+            left = budget - (time.perf_counter() - start)
+            if library in broken or (best and 2 * (2 * n**3 / best / 1e9) > left):
+                continue
             try:
                 seconds = _best_seconds(_CPU_LIBRARIES[library](n, precision), repeats)
             except Exception as exc:  # noqa: BLE001 -- a library missing or refusing a precision: say so, go on
                 candidates.append({"library": library, "size": n, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                break
+                broken.add(library)
+                continue
             candidates.append({"library": library, "size": n, "gflops": 2 * n**3 / seconds / 1e9})
     measured = [c for c in candidates if "gflops" in c]
     if not measured:

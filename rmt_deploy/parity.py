@@ -23,7 +23,7 @@ class Tolerance:
     @classmethod
     def for_precision(cls, precision: str, rtol: float | None = None, atol: float | None = None) -> "Tolerance":
         """Defaults: fp32 max_rel <= 1e-4 with identical top-5; fp16 and bf16 cosine >= 0.999 (fp16 also
-        max_rel <= 2e-2, bf16 5e-2: 8 mantissa bits); int8 cosine >= 0.99 and top-1 agreement >= 97 %
+        max_rel <= 2e-2, bf16 5e-2: 8 significant bits); int8 cosine >= 0.99 and top-1 agreement >= 97 %
         (its max_rel is not a useful bound: one saturated activation moves a logit a lot)."""
         base = {"fp32": cls(), "fp16": cls(max_rel=2e-2, min_cosine=0.999, topk_identical=0),
                 "bf16": cls(max_rel=5e-2, min_cosine=0.999, topk_identical=0),

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from conftest import SHARED
-from rmt_deploy.runners.base import Runner
+from rmt_deploy.runners.base import INPUT_NAME, Runner
 
 FIXTURES = SHARED / "fixtures"
 CONFIG, CHECKPOINT = FIXTURES / "shapes10_config.json", FIXTURES / "shapes10_rmt_tiny.pth"
@@ -84,14 +84,33 @@ class CachedRunner(Runner):
     def metadata(self):
         return self.inner.metadata()
 
+    @staticmethod
+    def _key(images: np.ndarray) -> bytes:
+        return hashlib.sha1(np.ascontiguousarray(images, np.float32).tobytes()).digest()
+
     def _infer(self, feed):
-        key = hashlib.sha1(b"".join(np.ascontiguousarray(v).tobytes() for v in feed.values())).digest()
+        key = self._key(feed[INPUT_NAME])
         if key not in self._outputs:
             self._outputs[key] = self.inner.infer(feed)
         return self._outputs[key]
 
+    def prefill(self, images: np.ndarray, batch: int, chunk: int = 64) -> None:
+        """Run ``images`` in large chunks (eager takes any batch; a large one amortises its per-op cost)
+        and keep the logits under the ``batch``-row calls `infer_padded` will make."""
+        logits = np.concatenate([self.inner.infer({INPUT_NAME: images[i:i + chunk]})["logits"]
+                                 for i in range(0, len(images), chunk)])
+        for i in range(0, len(images), batch):
+            rows, out = images[i:i + batch], logits[i:i + batch]
+            padded = np.concatenate([rows, np.zeros((batch - len(rows), *rows.shape[1:]), rows.dtype)])
+            self._outputs[self._key(padded)] = {
+                "logits": np.concatenate([out, np.zeros((batch - len(out), out.shape[1]), out.dtype)])}
+
 
 @functools.lru_cache(maxsize=1)
 def reference() -> CachedRunner:
+    """Float32 eager, its logits on the validation folder and the degraded copy computed up front."""
     from rmt_deploy.runners.eager import EagerRunner
-    return CachedRunner(EagerRunner(fixture_model())).load()
+    runner = CachedRunner(EagerRunner(fixture_model())).load()
+    for images, _ in labelled().values():
+        runner.prefill(images, BATCH)
+    return runner
