@@ -19,7 +19,6 @@ import numpy as np
 from .preprocess import image_files, load_images
 from .runners.base import INPUT_NAME, RunnerUnavailable
 
-log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 CALIBRATION_SUFFIXES = {".jpg", ".jpeg", ".png"}

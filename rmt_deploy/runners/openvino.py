@@ -57,6 +57,9 @@ def _small_head_attention(model, compute: str) -> str:
     """How many attention nodes now run on the small-head kernel, or why none do."""
     if reason := small_attention.kernel_unavailable_reason():
         return reason
+    if compute == "bf16":
+        return ("off in bf16: OpenVINO's own bf16 attention measured as fast or faster than keeping attention "
+                "on the float32 kernel (docs/precision.md; bf16_attention_kernel=True keeps it)")
     if compute != "f32":
         return "the small-head attention kernel computes in float32 only"
     try:
