@@ -85,11 +85,16 @@ def test_onnxruntime_qdq_int8_passes_the_gate(fp32_onnx, calib_images, tmp_path)
     assert 0.8 <= report.reference_top1.top1 <= 0.95      # the degraded copy can show a one-point drop
 
 
-@int8_here
-def test_openvino_nncf_int8_ir_passes_the_gate(fp32_onnx, calib_images, tmp_path):
+@pytest.fixture(scope="module")
+def openvino_int8_ir(fp32_onnx, calib_images):
     pytest.importorskip("nncf")
+    return q.quantize_openvino(fp32_onnx, fp32_onnx.with_name("int8.xml"), calib_images, calibration=str(CALIB))
+
+
+@int8_here
+def test_openvino_nncf_int8_ir_passes_the_gate(openvino_int8_ir):
     from rmt_deploy.runners.openvino import OpenVINORunner
-    path = q.quantize_openvino(fp32_onnx, tmp_path / "int8.xml", calib_images, calibration=str(CALIB))
+    path = openvino_int8_ir
     assert path.with_suffix(".bin").is_file()
     candidate = OpenVINORunner(path).load()
     meta = candidate.metadata().extra
@@ -98,6 +103,17 @@ def test_openvino_nncf_int8_ir_passes_the_gate(fp32_onnx, calib_images, tmp_path
     import openvino as ov
     ir_ops = [op.get_type_name() for op in ov.Core().read_model(str(path)).get_ops()]
     assert ir_ops.count("FakeQuantize") >= 60 and "ScaledDotProductAttention" in ir_ops
+    for report in _gate(candidate):
+        assert report.passed, report.text()
+
+
+@int8_here
+@pytest.mark.skipif(bool(q.precision_unavailable_reason("openvino", "bf16")),
+                    reason=str(q.precision_unavailable_reason("openvino", "bf16")))
+def test_openvino_int8_ir_with_bf16_float_layers_passes_the_int8_gate(openvino_int8_ir):
+    from rmt_deploy.runners.openvino import OpenVINORunner
+    candidate = OpenVINORunner(openvino_int8_ir, precision="bf16").load()
+    assert candidate.precision == "int8" and candidate.metadata().extra["inference_precision"] == "bf16"
     for report in _gate(candidate):
         assert report.passed, report.text()
 
