@@ -1,6 +1,6 @@
 """Interleaved CPU speed of low-precision artifacts against float32 (until rmt-bench takes
---precision int8 --calib DIR): OpenVINO fp32 / bf16 / int8 and ONNX Runtime fp32 / int8 of one model,
-each round running every runner once in turn, medians and ratios printed as JSON.
+--precision int8 --calib DIR): OpenVINO fp32 / bf16 / int8 and ONNX Runtime fp32 / int8 of one model.
+Per backend, each round runs every runner once in turn; medians and ratios printed as JSON.
 
     .venv/bin/python scripts/lowp_speed.py --model rmt_t --image-size 224 --batch-size 8 \
         --calib ../shared/fixtures/calib --rounds 15 --cache-dir /tmp/lowp
@@ -42,15 +42,40 @@ def artifacts(args) -> dict[str, Path]:
     return paths
 
 
-def runners(paths: dict[str, Path], threads: int | None) -> dict:
-    return {"openvino fp32": OpenVINORunner(paths["fp32"], threads=threads),
-            "openvino bf16": OpenVINORunner(paths["fp32"], threads=threads, precision="bf16"),
-            "openvino bf16 + f32 attention kernel": OpenVINORunner(paths["fp32"], threads=threads, precision="bf16",
-                                                                   bf16_attention_kernel=True),
-            "openvino int8": OpenVINORunner(paths["ov_int8"], threads=threads),
-            "openvino int8 + bf16 float layers": OpenVINORunner(paths["ov_int8"], threads=threads, precision="bf16"),
-            "onnxruntime fp32": OnnxRuntimeRunner(paths["fp32"], threads=threads),
-            "onnxruntime int8": OnnxRuntimeRunner(paths["ort_int8"], threads=threads)}
+def runner_groups(paths: dict[str, Path], threads: int | None) -> dict[str, dict]:
+    """One group per backend, timed one group at a time: an idle ONNX Runtime session's threads spin
+    after each run and slowed the OpenVINO rows sharing the process by up to 4x on 2 cores."""
+    return {"openvino": {
+                "openvino fp32": lambda: OpenVINORunner(paths["fp32"], threads=threads),
+                "openvino bf16": lambda: OpenVINORunner(paths["fp32"], threads=threads, precision="bf16"),
+                "openvino bf16, OpenVINO's bf16 attention": lambda: OpenVINORunner(
+                    paths["fp32"], threads=threads, precision="bf16", bf16_attention_kernel=False),
+                "openvino int8": lambda: OpenVINORunner(paths["ov_int8"], threads=threads),
+                "openvino int8 + bf16 float layers": lambda: OpenVINORunner(paths["ov_int8"], threads=threads,
+                                                                            precision="bf16")},
+            "onnxruntime": {
+                "onnxruntime fp32": lambda: OnnxRuntimeRunner(paths["fp32"], threads=threads),
+                "onnxruntime int8": lambda: OnnxRuntimeRunner(paths["ort_int8"], threads=threads)}}
+
+
+def time_group(makers: dict, feed: dict, rounds: int) -> dict[str, dict]:
+    """Every runner of the group once per round, in turn; median ms per runner and its metadata."""
+    active = {name: make().load() for name, make in makers.items()}
+    times = {name: [] for name in active}
+    for runner in active.values():
+        runner.infer(feed)
+    for _ in range(rounds):
+        for name, runner in active.items():
+            start = time.perf_counter()
+            runner.infer(feed)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    rows = {name: {"median_ms": statistics.median(t),
+                   "metadata": {k: v for k, v in active[name].metadata().extra.items()
+                                if k in ("inference_precision", "small_head_attention", "providers")}}
+            for name, t in times.items()}
+    for runner in active.values():
+        runner.close()
+    return rows
 
 
 def main() -> None:
@@ -63,23 +88,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--cache-dir", default=".rmt_cache/lowp")
     args = parser.parse_args()
-    active = {name: r.load() for name, r in runners(artifacts(args), args.threads).items()}
     x = {"images": np.random.default_rng(0).standard_normal((args.batch_size, 3, args.image_size, args.image_size),
                                                               dtype=np.float32)}
-    times = {name: [] for name in active}
-    for runner in active.values():
-        runner.infer(x)
-    for _ in range(args.rounds):
-        for name, runner in active.items():
-            start = time.perf_counter()
-            runner.infer(x)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    base = {"openvino": medians["openvino fp32"], "onnxruntime": medians["onnxruntime fp32"]}
-    rows = {name: {"median_ms": round(ms, 2), "speedup_vs_fp32": round(base[name.split()[0]] / ms, 3),
-                   "metadata": {k: v for k, v in active[name].metadata().extra.items()
-                                if k in ("inference_precision", "small_head_attention", "providers")}}
-            for name, ms in medians.items()}
+    rows = {}
+    for backend, makers in runner_groups(artifacts(args), args.threads).items():
+        group = time_group(makers, x, args.rounds)
+        base = group[f"{backend} fp32"]["median_ms"]
+        rows.update({name: {**row, "median_ms": round(row["median_ms"], 2),
+                            "speedup_vs_fp32": round(base / row["median_ms"], 3)} for name, row in group.items()})
     peaks = {p: {k: v for k, v in matmul_peak("cpu", p).items() if k != "candidates"} for p in ("fp32", "bf16", "int8")}
     info = machine_info("cpu")
     print(json.dumps({"args": vars(args), "cpu": info["cpu"], "loadavg_start": info["loadavg_start"],
