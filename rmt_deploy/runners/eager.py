@@ -63,12 +63,16 @@ class EagerRunner(Runner):
         self.warmup_calls = 3 if self.cuda_graphs else 0     # graphs are recorded during the first calls
         if compile:
             self.backend = "compile"
+        # bf16 on the CPU runs under autocast: weights stay float32, matmuls and convolutions compute in
+        # bfloat16, LayerNorm and softmax in float32 (autocast's own op lists)
+        self.autocast = precision == "bf16" and not device.startswith("cuda")
+        self._dtype = torch.float32 if self.autocast else _DTYPES[precision]
         self._fn = model
 
     def _load(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)     # process-wide: torch has one intra-op pool
-        self.model.fuse().to(self.device, _DTYPES[self.precision]).eval()
+        self.model.fuse().to(self.device, self._dtype).eval()
         if not self.device.startswith("cuda"):
             keep_freed_memory()
         if self.compile:
@@ -97,7 +101,8 @@ class EagerRunner(Runner):
             with torch.cuda.device(self.device):        # the events must record on the runner's GPU
                 return self._infer_cuda(images)
         start = time.perf_counter()
-        out = self._fn(images.to(self.device, _DTYPES[self.precision]))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self._fn(images.to(self.device, self._dtype))
         self.last_timing = Timing(compute_ms=(time.perf_counter() - start) * 1e3)
         return self._outputs(out)
 
@@ -106,7 +111,7 @@ class EagerRunner(Runner):
         the forward and the copy back, timed with CUDA events."""
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         marks[0].record()
-        x = images.to(self.device, _DTYPES[self.precision])
+        x = images.to(self.device, self._dtype)
         marks[1].record()
         out = self._fn(x)
         marks[2].record()

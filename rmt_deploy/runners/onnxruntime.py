@@ -64,6 +64,8 @@ class OnnxRuntimeRunner(Runner):
         self.session = ort.InferenceSession(os.fspath(self.path), options, providers=providers)
         inp = self.session.get_inputs()[0]
         self.precision = "fp16" if inp.type == "tensor(float16)" else "fp32"
+        if self.session.get_modelmeta().custom_metadata_map.get("rmt.precision") == "int8":
+            self.precision = "int8"     # a QDQ file: float32 in and out, int8 inside
 
     @staticmethod
     def _specs(values, dtype: str | None = None) -> list[TensorSpec]:
