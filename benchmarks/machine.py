@@ -131,9 +131,10 @@ def _onnxruntime_gemm(n: int, precision: str):
     return lambda: session.run(None, feed)
 
 
-_CPU_LIBRARIES = {"torch": _torch_gemm, "openvino": _openvino_gemm, "onnxruntime": _onnxruntime_gemm}
-_CPU_PRECISION_LIBRARIES = {"fp32": ("torch", "openvino", "onnxruntime"), "bf16": ("torch", "openvino"),
-                            "int8": ("torch", "openvino", "onnxruntime"), "fp16": ("torch",)}
+# GEMM libraries by their own names (the roofline's "library"), not backend names
+_CPU_LIBRARIES = {"PyTorch": _torch_gemm, "OpenVINO": _openvino_gemm, "ONNX Runtime": _onnxruntime_gemm}
+_CPU_PRECISION_LIBRARIES = {"fp32": ("PyTorch", "OpenVINO", "ONNX Runtime"), "bf16": ("PyTorch", "OpenVINO"),
+                            "int8": ("PyTorch", "OpenVINO", "ONNX Runtime"), "fp16": ("PyTorch",)}
 
 
 def _cpu_peak(precision: str, repeats: int, budget: float = PEAK_BUDGET_SECONDS) -> dict:
@@ -182,6 +183,6 @@ def matmul_peak(device: str, precision: str, repeats: int = 3) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {"device": device, "precision": precision, "size": n, "repeats": len(times), "library": "torch",
+    return {"device": device, "precision": precision, "size": n, "repeats": len(times), "library": "PyTorch",
             "tf32": bool(precision == "fp32" and torch.backends.cuda.matmul.allow_tf32),
             "gflops": 2 * n**3 / seconds / 1e9}

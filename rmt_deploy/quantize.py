@@ -38,56 +38,10 @@ class PrecisionUnavailable(RunnerUnavailable):
     """This (backend, precision, device) combination does not run here; the message says why."""
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where unreadable."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cpu_reason(precision: str, flags: set[str]) -> str | None:
-    if precision == "bf16" and not flags & {"avx512_bf16", "amx_bf16"}:
-        return "this CPU has no AVX512_BF16/AMX (bf16 would be emulated, slower than fp32)"
-    if precision == "int8" and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
-        return "this CPU has no VNNI/AMX int8 instructions (int8 would not be faster than fp32)"
-    return None
-
-
-# backend -> precision -> device kinds it runs on (TensorRT's int8 takes the QDQ file: written to
-# its documented explicit-quantization path, untested without TensorRT)
-SUPPORT = {
-    "eager": {"fp32": ("cpu", "cuda"), "fp16": ("cuda",), "bf16": ("cpu", "cuda")},
-    "compile": {"fp32": ("cpu", "cuda"), "fp16": ("cuda",), "bf16": ("cpu", "cuda")},
-    "onnxruntime": {"fp32": ("cpu", "cuda"), "fp16": ("cpu", "cuda"), "int8": ("cpu", "cuda")},
-    "openvino": {"fp32": ("cpu",), "fp16": ("cpu",), "bf16": ("cpu",), "int8": ("cpu",)},
-    "tensorrt": {"fp32": ("cuda",), "fp16": ("cuda",), "int8": ("cuda",)},
-}
-
-
-def precision_unavailable_reason(backend: str, precision: str, device: str = "cpu",
-                                 flags: set[str] | None = None) -> str | None:
-    """Why ``backend`` cannot run ``precision`` on ``device`` here, or None (no library is imported)."""
-    if precision not in PRECISIONS:
-        return f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}"
-    if backend not in SUPPORT:
-        return f"unknown backend {backend!r}; choose from {', '.join(SUPPORT)}"
-    kind = "cuda" if device.startswith("cuda") else device
-    kinds = SUPPORT[backend].get(precision, ())
-    if kind not in kinds:
-        where = f"only on {'/'.join(kinds)}" if kinds else "on no device"
-        return f"{backend} runs {precision} {where} (asked for {device!r})"
-    if kind == "cpu" and precision in ("bf16", "int8"):
-        return _cpu_reason(precision, cpu_flags() if flags is None else flags)
-    return None
-
-
 def require_precision(backend: str, precision: str, device: str = "cpu") -> None:
-    """Raise `PrecisionUnavailable` with the reason, before anything is exported."""
-    if reason := precision_unavailable_reason(backend, precision, device):
+    """Raise `PrecisionUnavailable` with the registry's reason, before anything is exported."""
+    from .runners.registry import get_backend
+    if reason := get_backend(backend).unavailable_reason(device, precision):
         raise PrecisionUnavailable(reason)
 
 
@@ -120,7 +74,7 @@ def _onnx_batch(proto) -> int | None:
 
 
 class _BatchReader:
-    """onnxruntime's CalibrationDataReader protocol over preprocessed batches."""
+    """ONNX Runtime's CalibrationDataReader protocol over preprocessed batches."""
 
     def __init__(self, batches: Sequence[np.ndarray]):
         self._batches = iter(batches)
@@ -234,9 +188,3 @@ def _top1_validation(compiled_model, data: Iterator[tuple[np.ndarray, np.ndarray
         logits = compiled_model(images)[output]
         hits += (np.argmax(logits, axis=1) == labels).astype(float).tolist()
     return float(np.mean(hits)), hits
-
-
-def quantizer(backend: str) -> Callable[..., Path]:
-    """The INT8 quantizer of a backend's artifact (onnxruntime and tensorrt: QDQ ONNX; openvino: IR)."""
-    require_precision(backend, "int8", "cuda" if backend == "tensorrt" else "cpu")
-    return quantize_openvino if backend == "openvino" else quantize_onnxruntime

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rmt_deploy.runners import backends_for
+
 SUMMARY = re.compile(r"in ([\d.]+) s, ([\d.]+) images/s(?: \(([\d.]+) after the first batch\))?")
 
 
@@ -67,7 +69,7 @@ def main() -> int:
     ap.add_argument("--bench-iters", type=int, default=10, help="rmt-bench's timed calls per repeat (3 repeats)")
     ap.add_argument("--threads", default="2,1", help="runner threads to compare at, comma-separated (the first "
                     "one also for the Ray actor's CPUs and threads)")
-    ap.add_argument("--ray-backend", default="onnxruntime")
+    ap.add_argument("--ray-backend", default=backends_for("onnx")[0])
     ap.add_argument("--cache-dir", default=".rmt_cache")
     ap.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
     ap.add_argument("--json")

@@ -45,7 +45,7 @@ def artifacts(args) -> dict[str, Path]:
 def runner_groups(paths: dict[str, Path], threads: int | None) -> dict[str, dict]:
     """One group per backend, timed one group at a time: an idle ONNX Runtime session's threads spin
     after each run and slowed the OpenVINO rows sharing the process by up to 4x on 2 cores."""
-    return {"openvino": {
+    return {OpenVINORunner.backend: {
                 "openvino fp32": lambda: OpenVINORunner(paths["fp32"], threads=threads),
                 "openvino bf16": lambda: OpenVINORunner(paths["fp32"], threads=threads, precision="bf16"),
                 "openvino bf16, OpenVINO's bf16 attention": lambda: OpenVINORunner(
@@ -53,7 +53,7 @@ def runner_groups(paths: dict[str, Path], threads: int | None) -> dict[str, dict
                 "openvino int8": lambda: OpenVINORunner(paths["ov_int8"], threads=threads),
                 "openvino int8 + bf16 float layers": lambda: OpenVINORunner(paths["ov_int8"], threads=threads,
                                                                             precision="bf16")},
-            "onnxruntime": {
+            OnnxRuntimeRunner.backend: {
                 "onnxruntime fp32": lambda: OnnxRuntimeRunner(paths["fp32"], threads=threads),
                 "onnxruntime int8": lambda: OnnxRuntimeRunner(paths["ort_int8"], threads=threads)}}
 

@@ -11,13 +11,14 @@ from rmt_deploy import quantize as q
 from rmt_deploy.accuracy import AccuracyDropError, low_precision_gate
 from rmt_deploy.parity import ParityError
 from rmt_deploy.preprocess import load_images
+from rmt_deploy.runners import RunnerUnavailable, get_backend, registry
 from rmt_deploy.runners.onnxruntime import OnnxRuntimeRunner
 import shapes10
 from shapes10 import BATCH, CALIB, SIZE, export_fixture, needs_fixture
 
 pytestmark = needs_fixture
-int8_here = pytest.mark.skipif(bool(q.precision_unavailable_reason("onnxruntime", "int8")),
-                               reason=str(q.precision_unavailable_reason("onnxruntime", "int8")))
+int8_here = pytest.mark.skipif(bool(get_backend("onnxruntime").unavailable_reason("cpu", "int8")),
+                               reason=str(get_backend("onnxruntime").unavailable_reason("cpu", "int8")))
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +109,8 @@ def test_openvino_nncf_int8_ir_passes_the_gate(openvino_int8_ir):
 
 
 @int8_here
-@pytest.mark.skipif(bool(q.precision_unavailable_reason("openvino", "bf16")),
-                    reason=str(q.precision_unavailable_reason("openvino", "bf16")))
+@pytest.mark.skipif(bool(get_backend("openvino").unavailable_reason("cpu", "bf16")),
+                    reason=str(get_backend("openvino").unavailable_reason("cpu", "bf16")))
 def test_openvino_int8_ir_with_bf16_float_layers_passes_the_int8_gate(openvino_int8_ir):
     from rmt_deploy.runners.openvino import OpenVINORunner
     candidate = OpenVINORunner(openvino_int8_ir, precision="bf16").load()
@@ -144,13 +145,20 @@ def test_calibrating_on_one_constant_image_fails_the_gate_with_a_clear_message(f
     assert "FAILED" in message and ("below" in message or "drop" in message)
 
 
-def test_unsupported_combinations_are_refused_with_the_reason_before_any_export():
-    assert q.precision_unavailable_reason("openvino", "bf16", flags={"avx2"}) == \
+def test_unsupported_combinations_are_refused_with_the_reason_before_any_export(monkeypatch):
+    assert registry.cpu_precision_reason("bf16", {"avx2"}) == \
         "this CPU has no AVX512_BF16/AMX (bf16 would be emulated, slower than fp32)"
-    assert "VNNI" in q.precision_unavailable_reason("onnxruntime", "int8", flags={"avx2"})
-    assert q.precision_unavailable_reason("openvino", "bf16", flags={"avx512_bf16"}) is None
-    assert q.precision_unavailable_reason("eager", "int8") == "eager runs int8 on no device (asked for 'cpu')"
-    assert "only on cuda" in q.precision_unavailable_reason("tensorrt", "int8", "cpu")
-    assert "unknown precision" in q.precision_unavailable_reason("openvino", "int4")
-    with pytest.raises(q.PrecisionUnavailable, match="eager runs int8 on no device"):
-        q.quantizer("eager")
+    assert "VNNI" in registry.cpu_precision_reason("int8", {"avx2"})
+    assert registry.cpu_precision_reason("bf16", {"avx512_bf16"}) is None
+    assert get_backend("eager").unavailable_reason("cpu", "int8").startswith("eager does not run int8 on cpu")
+    assert "CUDA devices only" in get_backend("tensorrt").unavailable_reason("cpu", "int8")
+    with pytest.raises(ValueError, match="unknown precision"):
+        get_backend("openvino").unavailable_reason("cpu", "int4")
+    monkeypatch.setattr(registry, "cpu_flags", lambda: {"avx2"})
+    assert "no VNNI" in get_backend("onnxruntime").unavailable_reason("cpu", "int8")
+    with pytest.raises(q.PrecisionUnavailable, match="no AVX512_BF16"):
+        q.require_precision("openvino", "bf16")
+    with pytest.raises(RunnerUnavailable, match="no INT8 quantizer"):
+        get_backend("eager").quantize(CALIB, CALIB, SIZE)
+    with pytest.raises(RunnerUnavailable, match="needs --calib"):
+        get_backend("onnxruntime").quantize(CALIB, None, SIZE)

@@ -25,7 +25,7 @@ from ..artifact import ArtifactDescription
 from . import small_attention
 from .base import Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
 from .onnxruntime import prepare_onnx
-from .registry import Backend, register
+from .registry import Backend, cpu_precision_reason, register
 from .openvino_graph import drop_attention_nan_guards, rotary_as_rope, use_small_head_attention
 
 
@@ -87,9 +87,8 @@ class OpenVINORunner(Runner):
             raise FileNotFoundError(f"model file not found: {self.path}")
         if device != "cpu":
             raise RunnerUnavailable(unavailable_reason(device))
-        if precision == "bf16":
-            from ..quantize import require_precision
-            require_precision(self.backend, "bf16", device)
+        if precision == "bf16" and (reason := cpu_precision_reason("bf16")):
+            raise RunnerUnavailable(reason)
         self.requested_precision, self.bf16_attention_kernel = precision, bf16_attention_kernel
         self.compiled = None
         self._lock = threading.Lock()      # one infer request, shared by the server's worker threads
@@ -164,6 +163,13 @@ def _open(*, model, artifact, device, precision, threads) -> OpenVINORunner:
     return OpenVINORunner(artifact, device=device, threads=threads, precision=precision)
 
 
-OPENVINO = register(Backend("openvino", "onnx", {"cpu": ("fp32", "fp16")}, _open, unavailable_reason, prepare_onnx,
-                            platform="openvino", title="OpenVINO",
-                            packages=("openvino",)))
+def _quantize(fp32_onnx: Path, out_xml: Path, images, *, calibration: str = "") -> Path:
+    from ..quantize import quantize_openvino
+    return quantize_openvino(fp32_onnx, out_xml, images, calibration=calibration)
+
+
+# The "onnx" artifact kind of this entry is an ONNX file or OpenVINO's own IR of one (.xml + .bin, what
+# NNCF's INT8 writes): the runner reads both. bf16 is a runtime precision of the fp32 file.
+OPENVINO = register(Backend("openvino", "onnx", {"cpu": ("fp32", "fp16", "bf16", "int8")}, _open, unavailable_reason,
+                            prepare_onnx, platform="openvino", title="OpenVINO", packages=("openvino",),
+                            quantizer=_quantize, int8_suffix=".xml"))

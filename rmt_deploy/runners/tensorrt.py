@@ -202,6 +202,6 @@ def _prepare(model, plan, cache) -> Path:
     return cache.engine(model, plan.for_one(plan.precision, portable=True))
 
 
-TENSORRT = register(Backend("tensorrt", "engine", {"cuda": ("fp32", "fp16")}, _open, unavailable_reason, _prepare,
+TENSORRT = register(Backend("tensorrt", "engine", {"cuda": ("fp32", "fp16", "int8")}, _open, unavailable_reason, _prepare,
                             platform="tensorrt_plan", title="TensorRT",
                             packages=("tensorrt",)))
