@@ -141,9 +141,10 @@ class OpenVINORunner(Runner):
         if self.compiled is None:
             raise RuntimeError(f"{self.name}: call load() first")
         # outputs are returned as float32 whatever the file computes in (`_infer`)
+        described = ArtifactDescription.from_metadata(self._metadata)     # bf16: what it computes in, honestly
         return RunnerMetadata(self._specs(self.compiled.inputs), self._specs(self.compiled.outputs, "float32"),
                               {"path": os.fspath(self.path), **self._versions, **self._metadata},
-                              ArtifactDescription.from_metadata(self._metadata))
+                              described and described.with_precision(self.precision))
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:

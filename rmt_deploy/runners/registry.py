@@ -116,8 +116,8 @@ class Backend:
         if calib is None:
             raise RunnerUnavailable(f"{self.name} int8 needs --calib DIR (real images; never calibrated on noise)")
         from ..quantize import calibration_images
-        name = fp32_onnx.name.replace("_fp32.onnx", f"_int8_{Path(calib).resolve().name}{self.int8_suffix}")
-        out = fp32_onnx.with_name(name)
+        stem = fp32_onnx.stem.removesuffix("_fp32")
+        out = fp32_onnx.with_name(f"{stem}_int8_{Path(calib).resolve().name}{self.int8_suffix}")
         if out.is_file():
             return out
         return self.quantizer(fp32_onnx, out, calibration_images(calib, image_size), calibration=str(calib))
