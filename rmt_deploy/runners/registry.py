@@ -102,6 +102,8 @@ class Backend:
         the fp32 ONNX file, calibrated on ``plan.calib`` (real images; refused without them)."""
         if self.preparer is None:
             return None
+        if plan.precision == "int8" and getattr(plan, "calib", None) is None:     # before exporting anything
+            raise RunnerUnavailable(f"{self.name} int8 needs --calib DIR (real images; never calibrated on noise)")
         if plan.precision == "bf16":
             return self.preparer(model, plan.for_one("fp32"), cache)
         if plan.precision != "int8" or self.artifact == "engine":   # engines: built from the QDQ file
