@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest.write()
     if args.triton_repo:
         from .triton import write_triton_repo
-        for model_dir in write_triton_repo(args.triton_repo, plan.output_dir, manifest.to_dict()):
+        for model_dir in write_triton_repo(args.triton_repo, plan.output_dir, manifest.to_dict(),
+                                           report=console.print):
             console.print(f"[green]✓[/] Triton model → {model_dir}")
     _print_table(manifest.to_dict(), plan.output_dir, time.perf_counter() - started)
     return 0 if passed else 1

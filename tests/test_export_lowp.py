@@ -26,11 +26,11 @@ def _export(out, *extra) -> int:
 def lowp_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("lowp")
     code = _export(out, "--precision", "fp32,bf16,int8", "--calib", str(CALIB), "--accuracy-data", str(VAL))
-    return code, json.loads((out / MANIFEST_NAME).read_text())
+    return code, json.loads((out / MANIFEST_NAME).read_text()), out
 
 
 def test_bf16_and_int8_artifacts_pass_the_gates(lowp_export):
-    code, manifest = lowp_export
+    code, manifest, _ = lowp_export
     low = [a for a in manifest["artifacts"] if a["precision"] in ("bf16", "int8")]
     runs = {(a["backend"], a["precision"]) for a in low}
     expected = {(name, p) for name in ("onnxruntime", "openvino") for p in ("bf16", "int8")
@@ -43,6 +43,23 @@ def test_bf16_and_int8_artifacts_pass_the_gates(lowp_export):
     # the OpenVINO INT8 artifact is NNCF's IR; bf16 is the fp32 file computed in bfloat16
     assert {a["path"].rsplit(".", 1)[1] for a in low if a["precision"] == "int8"} <= {"onnx", "xml"}
     assert all(a["path"].endswith("_fp32.onnx") for a in low if a["precision"] == "bf16")
+
+
+def test_the_triton_repository_takes_the_int8_files(lowp_export, tmp_path):
+    from rmt_deploy.exporters.triton import write_triton_repo
+    _, manifest, out = lowp_export
+    notes = []
+    written = {d.name: d for d in write_triton_repo(tmp_path / "repo", out, manifest, report=notes.append)}
+    qdq = next(d for n, d in written.items() if n.endswith("_onnx_int8"))
+    assert (qdq / "1" / "model.onnx").is_file() and 'platform: "onnxruntime_onnx"' in (qdq / "config.pbtxt").read_text()
+    if get_backend("openvino").unavailable_reason("cpu", "int8") is None:
+        ir = written[next(n for n in written if n.endswith("_openvino_int8"))]
+        assert {p.name for p in (ir / "1").iterdir()} == {"model.xml", "model.bin"}
+        config = (ir / "config.pbtxt").read_text()
+        assert 'backend: "openvino"' in config and "platform" not in config
+    assert not [n for n in written if n.endswith("_bf16")]
+    assert all("runtime precision" in note for note in notes) and len(notes) == sum(
+        a["precision"] == "bf16" for a in manifest["artifacts"])
 
 
 def test_a_constant_calibration_fails_the_accuracy_gate(tmp_path, capsys):
