@@ -164,7 +164,7 @@ def _engine(plan: ExportPlan, precision: str, onnx_path: Path, engine_path: Path
 
     description = describe(onnx.load(str(onnx_path), load_external_data=False))
     with step(f"Building the TensorRT {precision} engine (minutes)"):
-        build_engine(onnx_path, engine_path, fp16=precision == "fp16", min_shape=shape(plan.batch.min, hw.min if hw else 0),
+        build_engine(onnx_path, engine_path, fp16=precision == "fp16", int8=precision == "int8", min_shape=shape(plan.batch.min, hw.min if hw else 0),
                      opt_shape=shape(plan.batch.opt, hw.opt if hw else 0), max_shape=shape(plan.batch.max, hw.max if hw else 0),
                      workspace_gb=plan.workspace_gb, timing_cache=engine_path.with_name("timing.cache"),
                      metadata=description.to_metadata() if description else None, device=plan.device)
