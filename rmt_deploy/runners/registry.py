@@ -203,5 +203,18 @@ def precision_names() -> tuple[str, ...]:
     return tuple(p for p in PRECISIONS if p in offered)
 
 
+def precision_table() -> str:
+    """The entries' precision data as a Markdown table, backend x device kind (README and
+    docs/precision.md carry it verbatim; a test checks they still do). On the CPU, bf16 and int8 also
+    need the instructions `cpu_precision_reason` names."""
+    entries = _load_entries()
+    kinds = ("cpu", "cuda")
+    lines = ["| backend | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for name, entry in entries.items():
+        cells = [", ".join(entry.precisions.get(kind, ())) or "-" for kind in kinds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 __all__ = ["ARTIFACT_FORMATS", "ARTIFACT_KINDS", "Backend", "backend_packages", "cpu_flags", "cpu_precision_reason", "RunnerUnavailable", "backend_names", "backends_for", "device_kind",
-           "get_backend", "precision_names", "reference_backend", "register"]
+           "get_backend", "precision_names", "precision_table", "reference_backend", "register"]
