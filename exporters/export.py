@@ -91,9 +91,11 @@ def export_artifacts(model, plan: ExportPlan, *, step=_no_step, reuse: bool = Fa
     out_dir.mkdir(parents=True, exist_ok=True)
     files = _onnx_files(model, plan, out_dir / f"{stem}_fp32.onnx", opset, step, reuse)
     entries = [("onnx", p, files[p], None) for p in plan.precisions if p not in LOW_PRECISIONS]
-    entries += _low_precision_entries(plan, files["fp32"], step)
+    entries += _low_precision_entries(plan, files["fp32"], step, reuse)
     if "int8" in plan.precisions and "engine" in plan.kinds:      # TensorRT's explicit quantization: the QDQ file
-        files["int8"] = get_backend(gate_backend("onnx")).quantize(files["fp32"], plan.calib, plan.height)
+        qdq = [path for _, p, path, name in entries if p == "int8" and name == gate_backend("onnx")]
+        files["int8"] = qdq[0] if qdq else get_backend(gate_backend("onnx")).quantize(
+            files["fp32"], plan.calib, plan.height, reuse=reuse)
     if "engine" in plan.kinds:
         entries += [("engine", p, _engine(plan, p, files[p], out_dir / f"{stem}_{p}.engine", step, reuse), None)
                     for p in plan.precisions if p in files]
@@ -108,7 +110,7 @@ def export_artifacts(model, plan: ExportPlan, *, step=_no_step, reuse: bool = Fa
     return manifest
 
 
-def _low_precision_entries(plan: ExportPlan, fp32_path: Path, step) -> list[tuple[str, str, Path, str]]:
+def _low_precision_entries(plan: ExportPlan, fp32_path: Path, step, reuse: bool) -> list[tuple[str, str, Path, str]]:
     """(kind, precision, path, backend) of each ONNX backend's bf16 / int8 artifact: bf16 is a runtime
     precision of the fp32 file (the backend computes it in bfloat16), int8 the backend's quantizer's file
     calibrated on ``plan.calib``. Backends that cannot run the precision on the CPU are left out."""
@@ -122,7 +124,8 @@ def _low_precision_entries(plan: ExportPlan, fp32_path: Path, step) -> list[tupl
                 entries.append(("onnx", precision, fp32_path, name))
                 continue
             with step(f"Quantizing for {entry.title} int8 (calibration: {plan.calib})"):
-                entries.append(("onnx", precision, entry.quantize(fp32_path, plan.calib, plan.height), name))
+                entries.append(("onnx", precision, entry.quantize(fp32_path, plan.calib, plan.height, reuse=reuse),
+                                name))
     return entries
 
 

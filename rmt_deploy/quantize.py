@@ -61,6 +61,17 @@ def calibration_images(folder: str | Path, image_size: int, *, min_images: int =
     return load_images(paths, image_size)
 
 
+def calibration_tag(folder: str | Path) -> str:
+    """``<folder name>-<8 hex>``: the digest of the calibration images' relative paths and sizes, so an
+    INT8 file named by it is never reused for other images."""
+    import hashlib
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in image_files(folder):
+        digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}\n".encode())
+    return f"{folder.resolve().name}-{digest.hexdigest()[:8]}"
+
+
 def calibration_batches(images: np.ndarray, batch: int) -> list[np.ndarray]:
     """Full batches of ``batch`` rows (what a static-batch graph takes); the last one wraps around to
     the first images instead of padding with zeros, which would skew the activation ranges."""

@@ -27,4 +27,4 @@ def test_int8_rows_need_calibration_images_and_stay_under_their_peak(tmp_path):
         assert "skipped" not in row, row
         assert 0 < row["peak_fraction"] <= 1.0
         assert row["gflops"] / peaks[row["precision"]]["gflops"] == row["peak_fraction"]
-    assert list((tmp_path / "cache").glob("*_int8_calib.onnx"))
+    assert list((tmp_path / "cache").glob("*_int8_calib-*.onnx"))

@@ -110,17 +110,18 @@ class Backend:
             return self.preparer(model, plan, cache)
         return self.quantize(cache.onnx(model, plan.for_one("fp32")), plan.calib, plan.height)
 
-    def quantize(self, fp32_onnx: Path, calib, image_size: int) -> Path:
-        """This backend's INT8 file of ``fp32_onnx`` next to it, calibrated on the images of ``calib``
-        (reused when already there: its name says which calibration folder made it)."""
+    def quantize(self, fp32_onnx: Path, calib, image_size: int, *, reuse: bool = True) -> Path:
+        """This backend's INT8 file of ``fp32_onnx`` next to it, calibrated on the images of ``calib``.
+        Its name carries the calibration folder's name and a digest of its files; ``reuse`` keeps a file
+        of that name already there (a cache whose fp32 file name changes with the model)."""
         if self.quantizer is None:
             raise RunnerUnavailable(f"{self.name} has no INT8 quantizer")
         if calib is None:
             raise RunnerUnavailable(f"{self.name} int8 needs --calib DIR (real images; never calibrated on noise)")
-        from ..quantize import calibration_images
+        from ..quantize import calibration_images, calibration_tag
         stem = fp32_onnx.stem.removesuffix("_fp32")
-        out = fp32_onnx.with_name(f"{stem}_int8_{Path(calib).resolve().name}{self.int8_suffix}")
-        if out.is_file():
+        out = fp32_onnx.with_name(f"{stem}_int8_{calibration_tag(calib)}{self.int8_suffix}")
+        if reuse and out.is_file():
             return out
         return self.quantizer(fp32_onnx, out, calibration_images(calib, image_size), calibration=str(calib))
 
