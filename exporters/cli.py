@@ -91,7 +91,7 @@ def plan_from_args(args, out_dir: Path) -> tuple[ExportPlan, str | None]:
     kinds, skipped = resolve_kinds(_format_backends(args.format) if args.format else args.backends, device)
     named = tuple(b for b in (args.backends or []) if b != AUTO) if not args.format else ()
     precisions = tuple(dict.fromkeys(args.precision))
-    check_low_precisions(precisions, named, args.calib)
+    check_low_precisions(precisions, named, args.calib, device)
     plan = ExportPlan(batch=args.dynamic_batch or Range.fixed(args.batch_size), height=height, width=width,
                       dynamic_hw=args.dynamic_hw, precisions=precisions, kinds=kinds,
                       opset=args.opset, portable=bool(args.triton_repo), device=device,
@@ -99,24 +99,24 @@ def plan_from_args(args, out_dir: Path) -> tuple[ExportPlan, str | None]:
     return plan, skipped
 
 
-def check_low_precisions(precisions: tuple[str, ...], backends: tuple[str, ...], calib: Path | None) -> None:
-    """Refuse, before anything is exported, a bf16/int8 no backend asked for (all ONNX backends when none
-    is named) runs on this CPU, a named backend that cannot run it (with the registry's reasons), and
-    int8 without calibration images."""
+def check_low_precisions(precisions: tuple[str, ...], backends: tuple[str, ...], calib: Path | None,
+                         device: str) -> None:
+    """Refuse, before anything is exported, int8 without calibration images, and a bf16/int8 that none
+    of the backends asked for (every ONNX backend when none is named) runs here, with the registry's
+    reasons. A named backend that does not run it while another does is left out of that precision."""
     from rmt_deploy.runners import backends_for, get_backend
 
     from .export import LOW_PRECISIONS
     if "int8" in precisions and calib is None:
         raise SystemExit("rmt-export: --precision int8 needs --calib DIR, a folder of real images (INT8 is "
                          "never calibrated on noise)")
+    files = [get_backend(b) for b in backends or backends_for("onnx") if get_backend(b).artifact != "model"]
     for precision in (p for p in precisions if p in LOW_PRECISIONS):
-        candidates = [b for b in backends or backends_for("onnx") if get_backend(b).artifact == "onnx"]
-        reasons = {b: get_backend(b).unavailable_reason("cpu", precision) for b in candidates}
-        refused = [f"{reason}" for b, reason in reasons.items() if reason and (backends or not any(
-            r is None for r in reasons.values()))]
-        if refused or not candidates:
+        reasons = [entry.unavailable_reason("cpu" if entry.artifact == "onnx" else device, precision)
+                   for entry in files]
+        if not files or all(reasons):
             raise SystemExit(f"rmt-export: --precision {precision} refused: " +
-                             ("; ".join(refused) or f"no ONNX backend among {', '.join(backends)}"))
+                             ("; ".join(reasons) or f"no backend with artifacts among {', '.join(backends)}"))
 
 
 def _step(progress_text: str):
