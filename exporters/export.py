@@ -183,6 +183,8 @@ def _entry(kind: str, precision: str, path: Path, onnx_path: Path, plan: ExportP
              "sha256": sha256_file(path), "inputs": inputs, "outputs": outputs}     # the file's own tensor types
     if backend is not None:
         entry["backend"] = backend
+    if precision == "bf16" and path == onnx_path:       # honest about what the file is and what runs
+        entry["computes"] = f"bfloat16: {backend} runs this fp32 file with bf16 inference precision"
     if plan.batch.dynamic:
         entry["max_batch"] = plan.batch.max
     entry["parity"] = None

@@ -42,7 +42,8 @@ def test_bf16_and_int8_artifacts_pass_the_gates(lowp_export):
         assert art["accuracy"]["images"] == 500
     # the OpenVINO INT8 artifact is NNCF's IR; bf16 is the fp32 file computed in bfloat16
     assert {a["path"].rsplit(".", 1)[1] for a in low if a["precision"] == "int8"} <= {"onnx", "xml"}
-    assert all(a["path"].endswith("_fp32.onnx") for a in low if a["precision"] == "bf16")
+    assert all(a["path"].endswith("_fp32.onnx") and "bf16 inference precision" in a["computes"]
+               for a in low if a["precision"] == "bf16")
 
 
 def test_the_triton_repository_takes_the_int8_files(lowp_export, tmp_path):
