@@ -110,6 +110,8 @@ def check_low_precisions(precisions: tuple[str, ...], backends: tuple[str, ...],
     if "int8" in precisions and calib is None:
         raise SystemExit("rmt-export: --precision int8 needs --calib DIR, a folder of real images (INT8 is "
                          "never calibrated on noise)")
+    if "int8" in precisions and not calib.is_dir():
+        raise SystemExit(f"rmt-export: --calib {calib} is not a folder of images")
     files = [get_backend(b) for b in backends or backends_for("onnx") if get_backend(b).artifact != "model"]
     for precision in (p for p in precisions if p in LOW_PRECISIONS):
         reasons = [entry.unavailable_reason("cpu" if entry.artifact == "onnx" else device, precision)
