@@ -26,10 +26,12 @@ class ServeSettings(BaseSettings):
     task: Literal["classify", "features"] = Field("classify", description="eager/compile only: classification "
                                                   "head or the four backbone stages (ONNX/TensorRT files say which)")
     backend: str = Field(backend_names()[0], description=f"one of {', '.join(backend_names())}")
-    onnx: Path | None = Field(None, description="ONNX file for --backend onnxruntime or openvino")
+    onnx: Path | None = Field(None, description="ONNX file (fp32, fp16 or QDQ int8) for the ONNX backends, or "
+                                                "an OpenVINO IR .xml (NNCF int8) for openvino")
     engine: Path | None = Field(None, description="TensorRT engine for --backend tensorrt")
     device: str = "cpu"
-    precision: str = Field("fp32", description=f"one of {', '.join(precision_names())} where the backend runs it")
+    precision: str = Field("fp32", description=f"one of {', '.join(precision_names())} where the backend runs it "
+                           "(a file's own precision by default; bf16 with openvino computes an fp32 file in bfloat16)")
     threads: int | None = Field(None, ge=1, description="intra-op threads for inference")
     image_size: int = Field(224, ge=32, le=1024, description="input resolution (the ONNX/engine file's own wins)")
     model_name: str | None = Field(None, description="name in responses and /v2/models/{name}; default: the "

@@ -87,7 +87,16 @@ async def model_metadata(model_name: str, request: Request, state: ServerStateDe
                for n, c, dtype in zip(served.output_names, served.output_channels, dtypes)]
     return ModelMetadata(name=served.name, versions=["1"], platform=get_backend(served.runner.backend).platform,
                          inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, size, size])],
-                         outputs=outputs)
+                         outputs=outputs, parameters=_parameters(served.runner))
+
+
+def _parameters(runner) -> dict[str, str]:
+    """The precision the runner computes in, its backend, and the quantizer / calibration of an int8 file."""
+    extra = runner.metadata().extra
+    found = {"precision": runner.precision, "backend": runner.backend}
+    found.update({key.removeprefix("rmt."): str(extra[key]) for key in ("rmt.quantizer", "rmt.calibration",
+                                                                         "inference_precision") if key in extra})
+    return found
 
 
 @router.get("/models/{model_name}/ready", responses={200: {"description": "ready", "content": {
