@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from rmt_deploy.runners import backends_for
-
 SUMMARY = re.compile(r"in ([\d.]+) s, ([\d.]+) images/s(?: \(([\d.]+) after the first batch\))?")
 
 

@@ -4,7 +4,6 @@ with the reason and a non-zero exit, and combinations that cannot run are refuse
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from PIL import Image
