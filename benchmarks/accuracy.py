@@ -2,45 +2,14 @@
 preprocessing, so a checkpoint and an FP16 engine can be checked against ImageNet-val."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from rmt_deploy.preprocess import image_files, load_images
+from rmt_deploy.accuracy import labelled_images
+from rmt_deploy.preprocess import load_images
 from rmt_deploy.runners import RunnerUnavailable, infer_padded
 
 from .artifacts import ArtifactCache
 from .bench import Settings, load_model, open_backend
-
-
-def labelled_images(root: str | Path, labels_file: str | Path | None = None) -> tuple[list[Path], np.ndarray]:
-    """ImageFolder layout (sorted class sub-folders are classes 0..N-1, as torchvision and the
-    ImageNet synset order have it), or a labels file of ``relative/path label`` lines (``#`` comments
-    and blank lines skipped)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data {root} is not a directory")
-    if labels_file:
-        paths, labels = [], []
-        for number, line in enumerate(Path(labels_file).read_text().splitlines(), 1):
-            fields = line.split("#", 1)[0].replace(",", " ").split()
-            if not fields:
-                continue
-            if len(fields) != 2 or not fields[1].isdigit():
-                raise ValueError(f"{labels_file}:{number}: expected 'relative/path label', got {line.strip()!r}")
-            paths.append(root / fields[0])
-            labels.append(int(fields[1]))
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} images listed in {labels_file} do not exist, e.g. {missing[0]}")
-        return paths, np.asarray(labels)
-    classes = sorted(d for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders; give --labels FILE for a flat folder")
-    pairs = [(p, i) for i, d in enumerate(classes) for p in image_files(d)]
-    if not pairs:
-        raise ValueError(f"no images under {root}")
-    return [p for p, _ in pairs], np.asarray([i for _, i in pairs])
 
 
 def run_accuracy(data, model_spec, backends, precisions=("fp32",), *, batch_size: int = 32,

@@ -34,6 +34,7 @@ class Settings:
     duration: float | None = None     # seconds per repeat
     repeats: int = 3
     threads: int | None = None
+    calib: Path | None = None         # INT8 calibration images (int8 rows are skipped without them)
 
 
 def parse_models(spec) -> list:
@@ -118,7 +119,7 @@ def open_backend(backend: str, model, precision: str, batch: int, settings: Sett
                           cuda_graphs=True), None
     given = {"onnx": onnx, "engine": engine}[entry.artifact]
     plan = ExportPlan(batch=Range.fixed(batch), height=settings.img_size, width=settings.img_size,
-                      precisions=(precision,), device=settings.device)
+                      precisions=(precision,), device=settings.device, calib=settings.calib)
     path = Path(given) if given else entry.prepare(model, plan, cache)
     return entry.open(artifact=path, device=settings.device, threads=settings.threads,
                       precision=None if given else precision), path

@@ -13,10 +13,12 @@ USAGE = """rmt-bench [options]            throughput and latency (see below)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    from rmt_deploy.cli_args import add_backend_arg, add_device_args, add_image_size_arg, add_model_args, add_precision_arg
+    from rmt_deploy.cli_args import (add_backend_arg, add_calib_arg, add_device_args, add_image_size_arg, add_model_args,
+                                     add_precision_arg)
     add_model_args(parser, several=True)
     add_backend_arg(parser, sweep=True, default=_default_backends())
     add_precision_arg(parser, sweep=True)
+    add_calib_arg(parser)
     add_image_size_arg(parser)
     add_device_args(parser)
     parser.add_argument("--cache-dir", default=".rmt_cache", help="where exported ONNX files and engines are kept")
@@ -80,7 +82,7 @@ def bench_main(argv: list[str]) -> int:
     args = bench_parser().parse_args(argv)
     settings = Settings(device=args.device, img_size=args.image_size, warmup=args.warmup,
                         iters=None if args.duration else (args.iters or 20), duration=args.duration,
-                        repeats=args.repeats, threads=args.threads)
+                        repeats=args.repeats, threads=args.threads, calib=args.calib)
     console = _console()
     with _progress(Console(stderr=True)) as progress:
         result = run_benchmark(args.model, args.backends, args.precision, args.batch_sizes, settings,
@@ -114,7 +116,8 @@ def accuracy_main(argv: list[str]) -> int:
     console = _console()
     with _progress(Console(stderr=True)) as progress:
         result = run_accuracy(args.data, models[0], args.backends, args.precision, batch_size=args.batch_size,
-                              settings=Settings(device=args.device, img_size=args.image_size, threads=args.threads),
+                              settings=Settings(device=args.device, img_size=args.image_size, threads=args.threads,
+                                                calib=args.calib),
                               checkpoint=args.checkpoint, weights=args.weights, labels_file=args.labels, limit=args.limit,
                               cache=ArtifactCache(args.cache_dir), progress=progress)
     k = result["topk"]

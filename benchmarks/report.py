@@ -49,8 +49,9 @@ def results_table(report: dict) -> Table:
         cells += [_f(r["peak_memory_mb"], ".0f"), _f(r["speedup_vs_eager_fp32"], ".2f") + ("x" if r["speedup_vs_eager_fp32"] else ""),
                   _f(r["gflops"]), ("-" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.0f}%")]
         table.add_row(*cells)
-    peaks = ", ".join(f"{p}: {v['gflops']:.1f} GFLOP/s ({v['size']}^3 torch matmul, median of {v['repeats']}, "
-                      f"best of {len(v['samples_gflops'])} measurements in this run)"
+    peaks = ", ".join(f"{p}: {v['gflops']:.1f} {'GOP/s' if p == 'int8' else 'GFLOP/s'} ({v['size']}^3 "
+                      f"{v.get('library', 'torch')} GEMM, best over the libraries and sizes, {len(v.get('samples_gflops', [1]))} "
+                      f"measurement(s) in this run)"
                       if "gflops" in v else f"{p}: {v['error']}" for p, v in report["machine"]["matmul_peak"].items())
     load = report["machine"].get("loadavg_start")
     table.caption = (f"Warm-up excluded; images/s = median over {report['settings']['repeats']} repeats; "

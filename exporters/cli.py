@@ -15,8 +15,8 @@ from rich.panel import Panel
 from rich.table import Table
 
 from rmt_deploy.artifact import ExportPlan, Range
-from rmt_deploy.cli_args import (add_backend_arg, add_batch_size_arg, add_device_args, add_image_size_arg,
-                                 add_model_args, add_precision_arg)
+from rmt_deploy.cli_args import (add_backend_arg, add_batch_size_arg, add_calib_arg, add_device_args,
+                                 add_image_size_arg, add_model_args, add_precision_arg)
 from rmt_deploy.runners import ARTIFACT_FORMATS
 
 from .onnx_export import ATTENTION_OPSET, PORTABLE_OPSET
@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--rtol", type=float, help="override the max relative error allowed")
     ap.add_argument("--atol", type=float, help="also bound the max absolute error")
+    add_calib_arg(ap)
+    ap.add_argument("--accuracy-data", type=Path, metavar="DIR",
+                    help="labelled folder (<class>/*.png): bf16/int8 artifacts fail when their top-1 drops more "
+                         "than --max-accuracy-drop points below eager fp32 on it")
+    ap.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="PTS",
+                    help="largest top-1 drop allowed, in points (default 1.0)")
     ap.add_argument("--triton-repo", type=Path, help="also write a Triton model repository here")
     ap.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace")
     return ap
@@ -85,11 +91,36 @@ def plan_from_args(args, out_dir: Path) -> tuple[ExportPlan, str | None]:
     height, width = (args.image_size * 2)[:2]
     device = args.device or "cuda:0"
     kinds, skipped = resolve_kinds(_format_backends(args.format) if args.format else args.backends, device)
+    named = tuple(b for b in (args.backends or []) if b != AUTO) if not args.format else ()
+    precisions = tuple(dict.fromkeys(args.precision))
+    check_low_precisions(precisions, named, args.calib, device)
     plan = ExportPlan(batch=args.dynamic_batch or Range.fixed(args.batch_size), height=height, width=width,
-                      dynamic_hw=args.dynamic_hw, precisions=tuple(dict.fromkeys(args.precision)), kinds=kinds,
+                      dynamic_hw=args.dynamic_hw, precisions=precisions, kinds=kinds,
                       opset=args.opset, portable=bool(args.triton_repo), device=device,
-                      workspace_gb=args.workspace_gb, output_dir=out_dir)
+                      workspace_gb=args.workspace_gb, output_dir=out_dir, calib=args.calib, backends=named)
     return plan, skipped
+
+
+def check_low_precisions(precisions: tuple[str, ...], backends: tuple[str, ...], calib: Path | None,
+                         device: str) -> None:
+    """Refuse, before anything is exported, int8 without calibration images, and a bf16/int8 that none
+    of the backends asked for (every ONNX backend when none is named) runs here, with the registry's
+    reasons. A named backend that does not run it while another does is left out of that precision."""
+    from rmt_deploy.runners import backends_for, get_backend
+
+    from .export import LOW_PRECISIONS
+    if "int8" in precisions and calib is None:
+        raise SystemExit("rmt-export: --precision int8 needs --calib DIR, a folder of real images (INT8 is "
+                         "never calibrated on noise)")
+    if "int8" in precisions and not calib.is_dir():
+        raise SystemExit(f"rmt-export: --calib {calib} is not a folder of images")
+    files = [get_backend(b) for b in backends or backends_for("onnx") if get_backend(b).artifact != "model"]
+    for precision in (p for p in precisions if p in LOW_PRECISIONS):
+        reasons = [entry.unavailable_reason("cpu" if entry.artifact == "onnx" else device, precision)
+                   for entry in files]
+        if not files or all(reasons):
+            raise SystemExit(f"rmt-export: --precision {precision} refused: " +
+                             ("; ".join(reasons) or f"no backend with artifacts among {', '.join(backends)}"))
 
 
 def _step(progress_text: str):
@@ -144,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     passed = args.skip_parity or parity_gate(model, manifest, gate_inputs(plan, real), rtol=args.rtol, atol=args.atol,
                                              device=plan.device, threads=args.threads, step=_step,
                                              report=console.print)
+    if args.accuracy_data:      # also after a parity failure: both verdicts are reported
+        from .export import accuracy_gate
+        passed = accuracy_gate(model, manifest, args.accuracy_data, plan.height, max_drop=args.max_accuracy_drop,
+                               threads=args.threads, batch=plan.batch.opt, step=_step, report=console.print) and passed
     manifest.write()
     if args.triton_repo:
         from .triton import write_triton_repo
-        for model_dir in write_triton_repo(args.triton_repo, plan.output_dir, manifest.to_dict()):
+        for model_dir in write_triton_repo(args.triton_repo, plan.output_dir, manifest.to_dict(),
+                                           report=console.print):
             console.print(f"[green]✓[/] Triton model → {model_dir}")
     _print_table(manifest.to_dict(), plan.output_dir, time.perf_counter() - started)
     return 0 if passed else 1
@@ -173,15 +209,17 @@ def _fmt(value, spec: str) -> str:
 
 def _print_table(manifest: dict, out_dir: Path, seconds: float) -> None:
     table = Table(title=f"rmt-export {manifest['model']} ({manifest['task']}) → {out_dir}  [{seconds:.0f} s]")
-    for col in ("format", "precision", "file", "MB", "max_abs", "max_rel", "cosine", "top-1", "top-5", "parity"):
-        table.add_column(col, justify="right" if col not in ("format", "precision", "file") else "left")
+    for col in ("format", "backend", "precision", "file", "MB", "max_abs", "max_rel", "cosine", "top-1", "top-5",
+                "parity", "Δtop-1 pts"):
+        table.add_column(col, justify="right" if col not in ("format", "backend", "precision", "file") else "left")
     for art in manifest["artifacts"]:
         p = art["parity"] or {}
         verdict = "skipped" if art["parity"] is None else ("[green]passed" if p.get("passed") else "[red]FAILED")
-        table.add_row(art["format"], art["precision"], art["path"],
+        drop = (art.get("accuracy") or {}).get("drop_points")
+        table.add_row(art["format"], art.get("backend", "all"), art["precision"], art["path"],
                       f"{(out_dir / art['path']).stat().st_size / 2**20:.1f}",
                       _fmt(p.get("max_abs"), ".2e"), _fmt(p.get("max_rel"), ".2e"), _fmt(p.get("cosine"), ".6f"),
-                      _fmt(p.get("top1_agreement"), ".3f"), _fmt(p.get("top5_agreement"), ".3f"), verdict)
+                      _fmt(p.get("top1_agreement"), ".3f"), _fmt(p.get("top5_agreement"), ".3f"), verdict, _fmt(drop, "+.2f"))
     Console(width=max(Console().width, 140)).print(table)
 
 

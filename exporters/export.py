@@ -20,7 +20,8 @@ from rmt_deploy.runners import (ARTIFACT_FORMATS, RunnerUnavailable, backend_pac
 from .onnx_export import ATTENTION_OPSET, PORTABLE_OPSET, export_onnx, tensor_specs, write_fp16
 
 MANIFEST_NAME = "export.json"
-EXPORTED_PRECISIONS = ("fp32", "fp16")     # the files this exporter writes (FP16 converted from FP32)
+EXPORTED_PRECISIONS = ("fp32", "fp16", "bf16", "int8")    # FP16 converted from FP32; bf16 and int8 per backend
+LOW_PRECISIONS = ("bf16", "int8")          # held to the accuracy gate; each backend's own artifact
 
 
 def _no_step(text: str):
@@ -90,18 +91,43 @@ def export_artifacts(model, plan: ExportPlan, *, step=_no_step, reuse: bool = Fa
     out_dir, stem, opset = Path(plan.output_dir), plan.stem or default_stem(model), default_opset(plan)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = _onnx_files(model, plan, out_dir / f"{stem}_fp32.onnx", opset, step, reuse)
-    entries = [("onnx", p, files[p]) for p in plan.precisions]
+    entries = [("onnx", p, files[p], None) for p in plan.precisions if p not in LOW_PRECISIONS]
+    entries += _low_precision_entries(plan, files["fp32"], step, reuse)
+    if "int8" in plan.precisions and "engine" in plan.kinds:      # TensorRT's explicit quantization: the QDQ file
+        qdq = [path for _, p, path, name in entries if p == "int8" and name == gate_backend("onnx")]
+        files["int8"] = qdq[0] if qdq else get_backend(gate_backend("onnx")).quantize(
+            files["fp32"], plan.calib, plan.height, reuse=reuse)
     if "engine" in plan.kinds:
-        entries += [("engine", p, _engine(plan, p, files[p], out_dir / f"{stem}_{p}.engine", step, reuse))
-                    for p in plan.precisions]
+        entries += [("engine", p, _engine(plan, p, files[p], out_dir / f"{stem}_{p}.engine", step, reuse), None)
+                    for p in plan.precisions if p in files]
     hw = plan.dynamic_hw
     description = ArtifactDescription.from_model(model, height=None if hw else plan.height,
                                                  width=None if hw else plan.width, batch=plan.batch)
     manifest = Manifest(model.config.name, description.task, model.checkpoint, asdict(model.config),
                         {"height": "dynamic" if hw else plan.height, "width": "dynamic" if hw else plan.width},
                         {**asdict(plan.batch), "dynamic": plan.batch.dynamic}, opset, versions(), description, out_dir)
-    manifest.artifacts = [_entry(kind, precision, path, files[precision], plan) for kind, precision, path in entries]
+    manifest.artifacts = [_entry(kind, precision, path, files.get(precision, files["fp32"]), plan, backend)
+                          for kind, precision, path, backend in entries]
     return manifest
+
+
+def _low_precision_entries(plan: ExportPlan, fp32_path: Path, step, reuse: bool) -> list[tuple[str, str, Path, str]]:
+    """(kind, precision, path, backend) of each ONNX backend's bf16 / int8 artifact: bf16 is a runtime
+    precision of the fp32 file (the backend computes it in bfloat16), int8 the backend's quantizer's file
+    calibrated on ``plan.calib``. Backends that cannot run the precision on the CPU are left out."""
+    entries = []
+    for precision in (p for p in LOW_PRECISIONS if p in plan.precisions):
+        for name in plan.backends or backends_for("onnx"):
+            entry = get_backend(name)
+            if entry.artifact != "onnx" or entry.unavailable_reason("cpu", precision):
+                continue
+            if precision == "bf16":
+                entries.append(("onnx", precision, fp32_path, name))
+                continue
+            with step(f"Quantizing for {entry.title} int8 (calibration: {plan.calib})"):
+                entries.append(("onnx", precision, entry.quantize(fp32_path, plan.calib, plan.height, reuse=reuse),
+                                name))
+    return entries
 
 
 def _onnx_files(model, plan: ExportPlan, fp32_path: Path, opset: int, step, reuse: bool) -> dict[str, Path]:
@@ -142,17 +168,24 @@ def _engine(plan: ExportPlan, precision: str, onnx_path: Path, engine_path: Path
 
     description = describe(onnx.load(str(onnx_path), load_external_data=False))
     with step(f"Building the TensorRT {precision} engine (minutes)"):
-        build_engine(onnx_path, engine_path, fp16=precision == "fp16", min_shape=shape(plan.batch.min, hw.min if hw else 0),
+        build_engine(onnx_path, engine_path, fp16=precision == "fp16", int8=precision == "int8", min_shape=shape(plan.batch.min, hw.min if hw else 0),
                      opt_shape=shape(plan.batch.opt, hw.opt if hw else 0), max_shape=shape(plan.batch.max, hw.max if hw else 0),
                      workspace_gb=plan.workspace_gb, timing_cache=engine_path.with_name("timing.cache"),
                      metadata=description.to_metadata() if description else None, device=plan.device)
     return engine_path
 
 
-def _entry(kind: str, precision: str, path: Path, onnx_path: Path, plan: ExportPlan) -> dict:
-    inputs, outputs = tensor_specs(onnx_path)
-    entry = {"format": ARTIFACT_FORMATS[kind], "kind": kind, "precision": precision, "path": path.name,
+def _entry(kind: str, precision: str, path: Path, onnx_path: Path, plan: ExportPlan, backend: str | None) -> dict:
+    """One manifest entry. ``backend``: the one backend the artifact is for (bf16 and int8 files);
+    None: every backend of its kind. An OpenVINO IR (.xml): its backend's platform is the format."""
+    inputs, outputs = tensor_specs(onnx_path if path.suffix != ".onnx" else path)
+    entry = {"format": ARTIFACT_FORMATS[kind] if path.suffix != ".xml" else get_backend(backend).platform,
+             "kind": kind, "precision": precision, "path": path.name,
              "sha256": sha256_file(path), "inputs": inputs, "outputs": outputs}     # the file's own tensor types
+    if backend is not None:
+        entry["backend"] = backend
+    if precision == "bf16" and path == onnx_path:       # honest about what the file is and what runs
+        entry["computes"] = f"bfloat16: {backend} runs this fp32 file with bf16 inference precision"
     if plan.batch.dynamic:
         entry["max_batch"] = plan.batch.max
     entry["parity"] = None
@@ -188,16 +221,16 @@ def parity_gate(model, manifest: Manifest, batches: list, *, rtol: float | None 
     reference = get_backend(reference_backend()).open(model=model, threads=threads).load()
     for art in manifest.artifacts:
         path = manifest.output_dir / art["path"]
-        backend = get_backend(gate_backend(art["kind"]))
+        backend = get_backend(art.get("backend") or gate_backend(art["kind"]))
         try:
-            runner = backend.open(artifact=path, threads=threads,
+            runner = backend.open(artifact=path, threads=threads, precision=art["precision"],
                                   device=None if backend.supports("cpu") else device).load()
         except RunnerUnavailable as exc:
             report(f"[red]parity of {path.name} cannot run: {exc}")
             art["parity"] = {"reference": label, "passed": False, "error": str(exc)}
             passed = False
             continue
-        with step(f"Parity of {path.name} against eager fp32"):
+        with step(f"Parity of {runner.name} {path.name} against eager fp32"):
             result = check_parity(reference, runner, batches,
                                   Tolerance.for_precision(art["precision"], rtol=rtol, atol=atol))
         runner.close()
@@ -206,6 +239,39 @@ def parity_gate(model, manifest: Manifest, batches: list, *, rtol: float | None 
             passed = False
             report(f"[red]{result.text()}")
     reference.close()
+    return passed
+
+
+def accuracy_gate(model, manifest: Manifest, labelled_folder: Path, image_size: int, *, max_drop: float,
+                  threads: int | None = None, batch: int = 8, step=_no_step, report=lambda text: None) -> bool:
+    """Top-1 of every bf16 / int8 artifact and of the eager fp32 model on ``labelled_folder`` (an
+    ImageFolder); an artifact that loses more than ``max_drop`` points fails. Each entry's
+    ``accuracy`` gets the figures. True when all passed."""
+    from rmt_deploy.accuracy import evaluate_top1, labelled_arrays
+    low = [art for art in manifest.artifacts if art["precision"] in LOW_PRECISIONS]
+    if not low:
+        return True
+    size = image_size
+    labelled = labelled_arrays(labelled_folder, size)
+    reference = get_backend(reference_backend()).open(model=model, threads=threads).load()
+    with step(f"Top-1 of eager fp32 on {labelled_folder}"):
+        expected = evaluate_top1(reference, labelled, size, batch)
+    reference.close()
+    passed = True
+    for art in low:
+        runner = get_backend(art["backend"]).open(artifact=manifest.output_dir / art["path"], threads=threads,
+                                                  precision=art["precision"]).load()
+        with step(f"Top-1 of {runner.name} on {labelled_folder}"):
+            got = evaluate_top1(runner, labelled, size, batch)
+        runner.close()
+        drop = expected.points - got.points
+        art["accuracy"] = {"top1": got.top1, "reference_top1": expected.top1, "images": got.images,
+                           "drop_points": drop, "max_drop_points": max_drop, "passed": drop <= max_drop}
+        if drop > max_drop:
+            passed = False
+            report(f"[red]accuracy gate FAILED: {art['backend']} {art['precision']} {art['path']} top-1 "
+                   f"{got.points:.2f} % vs {expected.points:.2f} % for eager fp32 on {got.images} images of "
+                   f"{labelled_folder}: drop {drop:.2f} points > {max_drop:.2f} allowed (--max-accuracy-drop)")
     return passed
 
 
@@ -225,5 +291,5 @@ def versions() -> dict:
     return found
 
 
-__all__ = ["MANIFEST_NAME", "Manifest", "default_opset", "export_artifacts", "gate_backend",
+__all__ = ["MANIFEST_NAME", "Manifest", "accuracy_gate", "default_opset", "export_artifacts", "gate_backend",
            "gate_inputs", "parity_gate", "versions"]

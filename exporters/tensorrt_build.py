@@ -14,6 +14,14 @@ FP16 differs between the two majors and is decided by capability, not by version
   ONNX graph (``<name>_fp16.onnx`` from the exporter, LayerNorm/Softmax/decay bias kept FP32).
 
 An ONNX graph that already carries FP16 weights is built strongly typed on either major.
+
+INT8 is TensorRT's explicit quantization of the QDQ ONNX file (`rmt_deploy.quantize.quantize_onnxruntime`,
+the file ONNX Runtime runs too): the parser turns QuantizeLinear/DequantizeLinear pairs into Q/DQ
+layers, which fix where the network computes in int8. TensorRT 10 builds it weakly typed with
+``BuilderFlag.INT8`` (the flag enables the int8 kernels the Q/DQ layers ask for; no calibrator);
+TensorRT 11 has no such flag and builds every network strongly typed, the Q/DQ layers giving the types.
+This path follows TensorRT's documented Python API and is UNTESTED here (no TensorRT on the machines this
+project is developed on); the planning below is unit-tested.
 """
 from __future__ import annotations
 
@@ -49,6 +57,22 @@ def onnx_is_fp16(onnx_path: str | os.PathLike) -> bool:
     if any(init.data_type == fp16 for init in model.graph.initializer):
         return True
     return any(v.type.tensor_type.elem_type == fp16 for v in model.graph.input if v.name == INPUT_NAME)
+
+
+def onnx_is_qdq(onnx_path: str | os.PathLike) -> bool:
+    """True when the ONNX graph is explicitly quantized (QuantizeLinear / DequantizeLinear nodes)."""
+    import onnx
+    model = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+
+
+def plan_int8(*, graph_int8: bool, has_int8_flag: bool) -> dict:
+    """How to build an INT8 engine from a QDQ graph (see the module docstring): weakly typed with
+    ``BuilderFlag.INT8`` where TensorRT has it (10), strongly typed where it does not (11)."""
+    if not graph_int8:
+        raise ValueError("an INT8 engine is built from a QDQ ONNX file (rmt-export --precision int8 --calib DIR "
+                         "writes one); this graph has no QuantizeLinear/DequantizeLinear nodes")
+    return {"strongly_typed": not has_int8_flag, "fp16_flag": False, "int8_flag": has_int8_flag, "precision": "int8"}
 
 
 def plan_precision(fp16: bool, *, has_fp16_flag: bool, graph_fp16: bool,
@@ -172,7 +196,7 @@ def _constrain_fp32_layers(trt, network, patterns: Sequence[str]) -> list[str]:
 # Build
 # ----------------------------------------------------------------------------------------------
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, fp16: bool = False,
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, fp16: bool = False, int8: bool = False,
                  min_shape: Sequence[int], opt_shape: Sequence[int], max_shape: Sequence[int],
                  workspace_gb: float = 4.0, timing_cache: str | os.PathLike | None = None,
                  metadata: Mapping | None = None, device: int | str | None = 0) -> Path:
@@ -181,6 +205,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     ``min/opt/max_shape`` give the optimisation profile of the ``images`` input (B, 3, H, W).
     ``timing_cache`` is loaded when the file exists and written back after the build, so later builds
     reuse the tactic timings. ``metadata``: the artifact description's keys, copied into the sidecar.
+    ``int8``: ``onnx_path`` is a QDQ file, built with explicit quantization (untested without TensorRT).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
@@ -190,8 +215,11 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     import torch
     index = device_index(device)
     torch.cuda.set_device(index)
-    plan = plan_precision(fp16, has_fp16_flag=hasattr(trt.BuilderFlag, "FP16"), graph_fp16=onnx_is_fp16(onnx_path),
-                          tensorrt_version=trt.__version__)
+    if int8:
+        plan = plan_int8(graph_int8=onnx_is_qdq(onnx_path), has_int8_flag=hasattr(trt.BuilderFlag, "INT8"))
+    else:
+        plan = plan_precision(fp16, has_fp16_flag=hasattr(trt.BuilderFlag, "FP16"),
+                              graph_fp16=onnx_is_fp16(onnx_path), tensorrt_version=trt.__version__)
     logger = make_logger(trt)
     builder = trt.Builder(logger)
     network, input_name = _parse_network(trt, builder, logger, onnx_path, plan, len(profile[0]))
@@ -218,7 +246,7 @@ def _parse_network(trt, builder, logger, onnx_path: Path, plan: dict, rank: int)
     flags = 0
     # STRONGLY_TYPED is opt-in on TensorRT 10; on 11 it is deprecated and ignored (always strongly typed).
     # EXPLICIT_BATCH is never passed: ignored since TensorRT 10, removed in 11.
-    if plan["strongly_typed"] and hasattr(trt.BuilderFlag, "FP16") \
+    if plan["strongly_typed"] and (hasattr(trt.BuilderFlag, "FP16") or hasattr(trt.BuilderFlag, "INT8")) \
             and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -247,6 +275,8 @@ def _builder_config(trt, builder, network, plan: dict, input_name: str, profile,
     optimization_profile.set_shape(input_name, *profile)
     config.add_optimization_profile(optimization_profile)
     pinned: list[str] = []
+    if plan.get("int8_flag"):       # explicit quantization: the Q/DQ layers decide, no calibrator is set
+        config.set_flag(trt.BuilderFlag.INT8)
     if plan["fp16_flag"]:
         config.set_flag(trt.BuilderFlag.FP16)
         pinned = _constrain_fp32_layers(trt, network, DEFAULT_FP32_LAYER_PATTERNS)
@@ -294,4 +324,5 @@ def _run_build(trt, builder, network, config, title: str):
         return builder.build_serialized_network(network, config)
 
 
-__all__ = ["DEFAULT_FP32_LAYER_PATTERNS", "build_engine", "onnx_is_fp16", "plan_precision", "wants_fp32"]
+__all__ = ["DEFAULT_FP32_LAYER_PATTERNS", "build_engine", "onnx_is_fp16", "onnx_is_qdq", "plan_int8", "plan_precision",
+           "wants_fp32"]

@@ -139,6 +139,8 @@ class ExportPlan:
     workspace_gb: float = 4.0
     output_dir: Path = Path("exports")
     stem: str | None = None              # file name stem; default: the model (plus "_features")
+    calib: Path | None = None            # INT8 calibration folder (real images; int8 is refused without it)
+    backends: tuple[str, ...] = ()       # ONNX backends whose bf16/int8 artifacts to write (empty: all that run them)
 
     @property
     def precision(self) -> str:

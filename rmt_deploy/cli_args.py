@@ -8,6 +8,7 @@ its settings class (field names in kebab case).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .checkpoint import WEIGHT_CHOICES
 
@@ -94,6 +95,13 @@ def add_precision_arg(parser, *, sweep: bool = False, default=("fp32",), fp16_al
     if fp16_alias:
         parser.add_argument("--fp16", action="store_const", const=["fp32", "fp16"], dest="precision",
                             help=argparse.SUPPRESS)
+
+
+def add_calib_arg(parser):
+    """``--calib DIR``: real images INT8 is calibrated on (preprocessed as the server does)."""
+    parser.add_argument("--calib", type=Path, metavar="DIR",
+                        help="folder of real JPEG/PNG images for INT8 calibration (a few hundred; int8 is refused "
+                             "without it, never calibrated on noise)")
 
 
 def add_image_size_arg(parser, *, default: int = 224, pair: bool = False):

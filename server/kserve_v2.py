@@ -37,7 +37,16 @@ def model_metadata(served: ServedModel) -> ModelMetadata:
                for n, c, dtype in zip(served.output_names, served.output_channels, dtypes)]
     return ModelMetadata(name=served.name, versions=[MODEL_VERSION], platform=get_backend(served.runner.backend).platform,
                          inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, size, size])],
-                         outputs=outputs)
+                         outputs=outputs, parameters=_parameters(served.runner))
+
+
+def _parameters(runner) -> dict[str, str]:
+    """The precision the runner computes in, its backend, and the quantizer / calibration of an int8 file."""
+    extra = runner.metadata().extra
+    found = {"precision": runner.precision, "backend": runner.backend}
+    found.update({key.removeprefix("rmt."): str(extra[key]) for key in ("rmt.quantizer", "rmt.calibration",
+                                                                         "inference_precision") if key in extra})
+    return found
 
 
 def check_input(names: list[str], datatype: str, shape: list[int], size: int, max_batch: int) -> int:

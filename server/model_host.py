@@ -103,13 +103,16 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
         described = runner.metadata().artifact
         size, static_batch = settings.image_size, None
     else:
+        asked = settings.precision if "precision" in settings.model_fields_set else None
+        if asked and (reason := backend.unavailable_reason(settings.device, asked)):
+            raise ValueError(f"--precision {asked}: {reason}")
         # one session per instance (OpenVINO included: see docs/serving.md, "Model instances")
         runners = [backend.open(artifact=getattr(settings, backend.artifact), device=settings.device,
-                                threads=settings.threads).load() for _ in range(settings.instances)]
+                                threads=settings.threads, precision=asked).load() for _ in range(settings.instances)]
         runner = runners[0]
-        if "precision" in settings.model_fields_set and settings.precision != runner.precision:
-            raise ValueError(f"{runner.path} computes in {runner.precision}; --precision {settings.precision} applies to "
-                             "the eager/compile backends (export a file of that precision instead)")
+        if asked and asked != runner.precision:
+            raise ValueError(f"{runner.path} computes in {runner.precision}, not --precision {asked} (export a "
+                             "file of that precision)")
         meta = runner.metadata()
         static_batch, height, width = meta.fixed_input_dims()
         size = _served_size(height, width, settings.image_size)

@@ -73,6 +73,9 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+    # an extension field in the style of KServe v2's other objects: what the model computes in
+    # ("precision": fp32 | fp16 | bf16 | int8), the backend, and how it was quantized where it was
+    parameters: dict[str, str] | None = None
 
 
 class InferInputTensor(BaseModel):

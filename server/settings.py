@@ -27,10 +27,12 @@ class ServeSettings(BaseSettings):
                                                   "(serves /classify and /features from one forward) or the backbone "
                                                   "alone (/features); ONNX/TensorRT files say which")
     backend: str = Field(backend_names()[0], description=f"one of {', '.join(backend_names())}")
-    onnx: Path | None = Field(None, description="ONNX file for --backend onnxruntime or openvino")
+    onnx: Path | None = Field(None, description="ONNX file (fp32, fp16 or QDQ int8) for the ONNX backends, or "
+                                                "an OpenVINO IR .xml (NNCF int8) for openvino")
     engine: Path | None = Field(None, description="TensorRT engine for --backend tensorrt")
     device: str = "cpu"
-    precision: str = Field("fp32", description=f"one of {', '.join(precision_names())} where the backend runs it")
+    precision: str = Field("fp32", description=f"one of {', '.join(precision_names())} where the backend runs it "
+                           "(a file's own precision by default; bf16 with openvino computes an fp32 file in bfloat16)")
     threads: int | None = Field(None, ge=1, description="intra-op threads for inference")
     instances: int = Field(1, ge=1, le=64, description="model instances fed by the one batcher, each running "
                            "batches with --threads threads (Triton's instance_group)")

@@ -20,7 +20,7 @@ def test_every_backend_is_one_entry():
     assert {n: get_backend(n).artifact for n in names} == {
         "eager": "model", "compile": "model", "onnxruntime": "onnx", "openvino": "onnx", "tensorrt": "engine"}
     assert backends_for("onnx") == ("onnxruntime", "openvino") and reference_backend() == "eager"
-    assert precision_names() == ("fp32", "fp16", "bf16")
+    assert precision_names() == ("fp32", "fp16", "bf16", "int8")
     with pytest.raises(ValueError, match="unknown backend 'tensorrtt'; choose from eager, compile"):
         get_backend("tensorrtt")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import INPUT_NAME, Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing, infer_padded
 from .registry import (ARTIFACT_FORMATS, Backend, backend_names, backend_packages, backends_for, device_kind, get_backend, precision_names,
-                       reference_backend)
+                       precision_table, reference_backend)
 
 
 def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str | None = None,
@@ -22,4 +22,4 @@ def unavailable_reason(backend: str, device: str, precision: str = "fp32") -> st
 
 __all__ = ["ARTIFACT_FORMATS", "Backend", "backend_packages", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
            "backend_names", "backends_for", "device_kind", "get_backend", "infer_padded", "open_runner",
-           "precision_names", "reference_backend", "unavailable_reason"]
+           "precision_names", "precision_table", "reference_backend", "unavailable_reason"]

@@ -64,6 +64,8 @@ class OnnxRuntimeRunner(Runner):
         self.session = ort.InferenceSession(os.fspath(self.path), options, providers=providers)
         inp = self.session.get_inputs()[0]
         self.precision = "fp16" if inp.type == "tensor(float16)" else "fp32"
+        if self.session.get_modelmeta().custom_metadata_map.get("rmt.precision") == "int8":
+            self.precision = "int8"     # a QDQ file: float32 in and out, int8 inside
 
     @staticmethod
     def _specs(values, dtype: str | None = None) -> list[TensorSpec]:
@@ -100,6 +102,13 @@ def prepare_onnx(model, plan, cache) -> Path:
     return cache.onnx(model, plan.for_one(plan.precision, portable=plan.portable or plan.device.startswith("cuda")))
 
 
-ONNXRUNTIME = register(Backend("onnxruntime", "onnx", {"cpu": ("fp32", "fp16"), "cuda": ("fp32", "fp16")}, _open,
-                               unavailable_reason, prepare_onnx, platform="onnxruntime_onnx", title="ONNX Runtime",
-                               packages=("onnxruntime", "onnxruntime-gpu")))
+def quantize_qdq(fp32_onnx: Path, out_path: Path, images, *, calibration: str = "") -> Path:
+    """The QDQ INT8 file (ONNX Runtime's static quantizer): what ONNX Runtime and TensorRT's explicit
+    quantization run."""
+    from ..quantize import quantize_onnxruntime
+    return quantize_onnxruntime(fp32_onnx, out_path, images, calibration=calibration)
+
+
+ONNXRUNTIME = register(Backend("onnxruntime", "onnx", {"cpu": ("fp32", "fp16", "int8"), "cuda": ("fp32", "fp16", "int8")},
+                               _open, unavailable_reason, prepare_onnx, platform="onnxruntime_onnx",
+                               title="ONNX Runtime", packages=("onnxruntime", "onnxruntime-gpu"), quantizer=quantize_qdq))

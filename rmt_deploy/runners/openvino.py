@@ -25,7 +25,7 @@ from ..artifact import ArtifactDescription
 from . import small_attention
 from .base import Runner, RunnerMetadata, RunnerUnavailable, TensorSpec, Timing
 from .onnxruntime import prepare_onnx
-from .registry import Backend, register
+from .registry import Backend, cpu_precision_reason, register
 from .openvino_graph import drop_attention_nan_guards, rotary_as_rope, use_small_head_attention
 
 
@@ -60,6 +60,8 @@ def _small_head_attention(model, compute: str) -> str:
     """How many attention nodes now run on the small-head kernel, or why none do."""
     if reason := small_attention.kernel_unavailable_reason():
         return reason
+    if compute == "bf16":
+        return "off in bf16: OpenVINO's own bf16 attention was asked for (bf16_attention_kernel=False)"
     if compute != "f32":
         return "the small-head attention kernel computes in float32 only"
     try:
@@ -71,14 +73,23 @@ def _small_head_attention(model, compute: str) -> str:
 class OpenVINORunner(Runner):
     backend = "openvino"
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, precision: str | None = None):
-        """``precision``: what the file is expected to compute in, until ``load`` reads the file's own."""
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, precision: str | None = None,
+                 bf16_attention_kernel: bool = True):
+        """``path``: an ONNX file or an OpenVINO IR (.xml, e.g. NNCF's INT8). ``precision`` "bf16" computes
+        in bfloat16 (the CPU must have AVX512_BF16 or AMX); otherwise (None) the file's own precision runs
+        (float32 for fp32 and int8 files, never bfloat16 behind the user's back); "bf16" with an INT8 IR
+        computes the layers left float in bfloat16.
+        ``bf16_attention_kernel``: in bf16, attention stays on the float32 small-head kernel (as fast as
+        OpenVINO's own bf16 attention within the noise, and more precise); False lets OpenVINO's run."""
         super().__init__()
         self.path, self.device, self.threads, self.precision = Path(path), device, threads, precision or "fp32"
         if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+            raise FileNotFoundError(f"model file not found: {self.path}")
         if device != "cpu":
             raise RunnerUnavailable(unavailable_reason(device))
+        if precision == "bf16" and (reason := cpu_precision_reason("bf16")):
+            raise RunnerUnavailable(reason)
+        self.requested_precision, self.bf16_attention_kernel = precision, bf16_attention_kernel
         self.compiled = None
         self._lock = threading.Lock()      # one infer request, shared by the server's worker threads
 
@@ -86,15 +97,14 @@ class OpenVINORunner(Runner):
         ov = _import_openvino()
         core = ov.Core()
         model = core.read_model(os.fspath(self.path))
-        input_type = model.inputs[0].get_element_type()
-        self.precision = "fp16" if input_type == ov.Type.f16 else "fp32"
-        fp16_capable = "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        # an FP16 file computes in FP16 where the CPU has FP16 arithmetic (AVX512-FP16, AMX-FP16),
-        # float32 everywhere else; never bfloat16 behind the user's back
-        compute = "f16" if self.precision == "fp16" and fp16_capable else "f32"
+        self._metadata = _onnx_metadata(model)
+        self.precision, compute = self._precisions(model, core)
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": compute}
         guards, rotaries = drop_attention_nan_guards(model), rotary_as_rope(model)
-        kernel = _small_head_attention(model, compute)
+        kernel = _small_head_attention(model, "f32" if self.bf16_attention_kernel else compute)
+        if compute == "bf16" and self.bf16_attention_kernel and kernel.isdigit():
+            kernel += (" (attention stays float32 inside bf16: as fast as OpenVINO's bf16 attention within the "
+                       "measurements' noise, docs/precision.md, and more precise)")
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
         self.compiled = core.compile_model(model, "CPU", config)
@@ -103,7 +113,20 @@ class OpenVINORunner(Runner):
                           "inference_precision": self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
                           "attention_nan_guards_removed": str(guards), "rotaries_as_rope": str(rotaries),
                           "small_head_attention": str(kernel)}
-        self._metadata = _onnx_metadata(model)
+
+    def _precisions(self, model, core) -> tuple[str, str]:
+        """(the runner's precision, the plugin's inference precision). An FP16 file computes in FP16
+        where the CPU has FP16 arithmetic (AVX512-FP16, AMX-FP16), float32 everywhere else."""
+        import openvino as ov
+        if self._metadata.get("rmt.precision") == "int8":     # the layers NNCF left float: bf16 only if asked
+            return "int8", "bf16" if self.requested_precision == "bf16" else "f32"
+        if self.requested_precision == "int8":
+            raise ValueError(f"{self.path} is not an INT8 artifact: quantize it first (rmt_deploy.quantize)")
+        if self.requested_precision == "bf16":
+            return "bf16", "bf16"
+        if model.inputs[0].get_element_type() == ov.Type.f16:
+            return "fp16", "f16" if "FP16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+        return "fp32", "f32"
 
     @staticmethod
     def _specs(ports, dtype: str | None = None) -> list[TensorSpec]:
@@ -118,9 +141,10 @@ class OpenVINORunner(Runner):
         if self.compiled is None:
             raise RuntimeError(f"{self.name}: call load() first")
         # outputs are returned as float32 whatever the file computes in (`_infer`)
+        described = ArtifactDescription.from_metadata(self._metadata)     # bf16: what it computes in, honestly
         return RunnerMetadata(self._specs(self.compiled.inputs), self._specs(self.compiled.outputs, "float32"),
                               {"path": os.fspath(self.path), **self._versions, **self._metadata},
-                              ArtifactDescription.from_metadata(self._metadata))
+                              described and described.with_precision(self.precision))
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
@@ -140,6 +164,13 @@ def _open(*, model, artifact, device, precision, threads) -> OpenVINORunner:
     return OpenVINORunner(artifact, device=device, threads=threads, precision=precision)
 
 
-OPENVINO = register(Backend("openvino", "onnx", {"cpu": ("fp32", "fp16")}, _open, unavailable_reason, prepare_onnx,
-                            platform="openvino", title="OpenVINO",
-                            packages=("openvino",)))
+def _quantize(fp32_onnx: Path, out_xml: Path, images, *, calibration: str = "") -> Path:
+    from ..quantize import quantize_openvino
+    return quantize_openvino(fp32_onnx, out_xml, images, calibration=calibration)
+
+
+# The "onnx" artifact kind of this entry is an ONNX file or OpenVINO's own IR of one (.xml + .bin, what
+# NNCF's INT8 writes): the runner reads both. bf16 is a runtime precision of the fp32 file.
+OPENVINO = register(Backend("openvino", "onnx", {"cpu": ("fp32", "fp16", "bf16", "int8")}, _open, unavailable_reason,
+                            prepare_onnx, platform="openvino", title="OpenVINO", packages=("openvino",),
+                            quantizer=_quantize, int8_suffix=".xml"))

@@ -22,6 +22,27 @@ ARTIFACT_FORMATS = {"onnx": "onnx", "engine": "tensorrt"}
 _RUNNER_MODULES = ("eager", "onnxruntime", "openvino", "tensorrt")
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_precision_reason(precision: str, flags: set[str] | None = None) -> str | None:
+    """Why this CPU should not run ``precision`` (its instructions are missing), or None."""
+    flags = cpu_flags() if flags is None else flags
+    if precision == "bf16" and not flags & {"avx512_bf16", "amx_bf16"}:
+        return "this CPU has no AVX512_BF16/AMX (bf16 would be emulated, slower than fp32)"
+    if precision == "int8" and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return "this CPU has no VNNI/AMX int8 instructions (int8 would not be faster than fp32)"
+    return None
+
+
 def device_kind(device: str) -> str:
     """"cpu" or "cuda" (``cuda:1`` is a cuda device)."""
     kind = str(device).partition(":")[0]
@@ -33,8 +54,11 @@ def device_kind(device: str) -> str:
 @dataclass(frozen=True)
 class Backend:
     """One backend. ``precisions`` is data: device kind -> precisions it runs there (for file
-    backends: the precisions of the files it runs). ``opener`` builds (does not load) a runner;
-    ``reason`` says why the backend cannot run on a device here; ``preparer`` makes its artifact."""
+    backends: the precisions of the files it runs, plus "bf16" where it computes an fp32 file in
+    bfloat16). ``opener`` builds (does not load) a runner; ``reason`` says why the backend cannot run
+    on a device here; ``preparer`` makes its float artifact; ``quantizer`` writes its INT8 file from
+    the fp32 ONNX file: ``quantizer(fp32_onnx, out_path, images, calibration=) -> Path`` (``out_path``
+    ends with ``int8_suffix``: a QDQ ``.onnx``, or ``.xml`` for an OpenVINO IR)."""
 
     name: str
     artifact: str                                   # "model" | "onnx" | "engine"
@@ -46,6 +70,8 @@ class Backend:
     title: str = ""                                 # the library's own name, for messages
     packages: tuple[str, ...] = ()                  # pip distributions it runs on (versions in reports)
     options: tuple[str, ...] = ()                   # extra keyword options `open` passes on
+    quantizer: Callable[..., Path] | None = None
+    int8_suffix: str = ".onnx"                      # the INT8 file's suffix (an OpenVINO IR: ".xml")
 
     def __post_init__(self):
         if self.artifact not in ARTIFACT_KINDS:
@@ -64,13 +90,40 @@ class Backend:
         if not self.supports(device, precision):
             offered = ", ".join(f"{k}: {'/'.join(v)}" for k, v in self.precisions.items())
             return f"{self.name} does not run {precision} on {kind} (it runs {offered})"
+        if kind == "cpu" and (why := cpu_precision_reason(precision)):
+            return f"{self.name} {precision}: {why}"
         return self.reason(device)
 
     def prepare(self, model, plan, cache) -> Path | None:
         """The artifact ``open`` needs for ``model`` under ``plan`` (an `ExportPlan`-like object with
-        ``device``, ``precision``, sizes), exported or built through ``cache`` (which provides
-        ``onnx(model, plan)`` and ``engine(model, plan)``); None for backends that run the model."""
-        return None if self.preparer is None else self.preparer(model, plan, cache)
+        ``device``, ``precision``, sizes, ``calib``), exported or built through ``cache`` (which provides
+        ``onnx(model, plan)`` and ``engine(model, plan)``); None for backends that run the model.
+        bf16 of a file backend is a runtime precision: the fp32 file. int8: the entry's quantizer over
+        the fp32 ONNX file, calibrated on ``plan.calib`` (real images; refused without them)."""
+        if self.preparer is None:
+            return None
+        if plan.precision == "int8" and getattr(plan, "calib", None) is None:     # before exporting anything
+            raise RunnerUnavailable(f"{self.name} int8 needs --calib DIR (real images; never calibrated on noise)")
+        if plan.precision == "bf16":
+            return self.preparer(model, plan.for_one("fp32"), cache)
+        if plan.precision != "int8" or self.artifact == "engine":   # engines: built from the QDQ file
+            return self.preparer(model, plan, cache)
+        return self.quantize(cache.onnx(model, plan.for_one("fp32")), plan.calib, plan.height)
+
+    def quantize(self, fp32_onnx: Path, calib, image_size: int, *, reuse: bool = True) -> Path:
+        """This backend's INT8 file of ``fp32_onnx`` next to it, calibrated on the images of ``calib``.
+        Its name carries the calibration folder's name and a digest of its files; ``reuse`` keeps a file
+        of that name already there (a cache whose fp32 file name changes with the model)."""
+        if self.quantizer is None:
+            raise RunnerUnavailable(f"{self.name} has no INT8 quantizer")
+        if calib is None:
+            raise RunnerUnavailable(f"{self.name} int8 needs --calib DIR (real images; never calibrated on noise)")
+        from ..quantize import calibration_images, calibration_tag
+        stem = fp32_onnx.stem.removesuffix("_fp32")
+        out = fp32_onnx.with_name(f"{stem}_int8_{calibration_tag(calib)}{self.int8_suffix}")
+        if reuse and out.is_file():
+            return out
+        return self.quantizer(fp32_onnx, out, calibration_images(calib, image_size), calibration=str(calib))
 
     def open(self, *, model=None, artifact: str | os.PathLike | None = None, device: str | None = None,
              precision: str | None = None, threads: int | None = None, **options) -> Runner:
@@ -151,5 +204,18 @@ def precision_names() -> tuple[str, ...]:
     return tuple(p for p in PRECISIONS if p in offered)
 
 
-__all__ = ["ARTIFACT_FORMATS", "ARTIFACT_KINDS", "Backend", "backend_packages", "RunnerUnavailable", "backend_names", "backends_for", "device_kind",
-           "get_backend", "precision_names", "reference_backend", "register"]
+def precision_table() -> str:
+    """The entries' precision data as a Markdown table, backend x device kind (README and
+    docs/precision.md carry it verbatim; a test checks they still do). On the CPU, bf16 and int8 also
+    need the instructions `cpu_precision_reason` names."""
+    entries = _load_entries()
+    kinds = ("cpu", "cuda")
+    lines = ["| backend | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for name, entry in entries.items():
+        cells = [", ".join(entry.precisions.get(kind, ())) or "-" for kind in kinds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["ARTIFACT_FORMATS", "ARTIFACT_KINDS", "Backend", "backend_packages", "cpu_flags", "cpu_precision_reason", "RunnerUnavailable", "backend_names", "backends_for", "device_kind",
+           "get_backend", "precision_names", "precision_table", "reference_backend", "register"]

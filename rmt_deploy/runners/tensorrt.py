@@ -87,6 +87,8 @@ class TensorRTRunner(Runner):
                                f"(out of GPU memory?): {'; '.join(self._logger.errors)}")
         self._trt, self._engine, self._context = trt, engine, context
         self._stream = torch.cuda.Stream(device=index)
+        from .pinned import PinnedBuffers
+        self._pinned = PinnedBuffers()      # the inputs' host side, page-locked once per shape and reused
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
 
         self._inputs, self._outputs, self._specs, self._torch_dtypes = [], [], {}, {}
@@ -156,7 +158,7 @@ class TensorRTRunner(Runner):
                     raise RuntimeError(f"{self.name}: output {name!r} shape {shape} unresolved after setting inputs")
                 outputs[name] = torch.empty(shape, dtype=self._torch_dtypes[name], device=stream.device)
                 context.set_tensor_address(name, outputs[name].data_ptr())
-            host_inputs = {n: torch.from_numpy(np.ascontiguousarray(feed[n])).pin_memory() for n in self._inputs}
+            host_inputs = {n: self._pinned.stage(n, np.ascontiguousarray(feed[n])) for n in self._inputs}
 
             start.record(stream)
             device_inputs = {n: t.to(stream.device, non_blocking=True) for n, t in host_inputs.items()}
@@ -179,7 +181,7 @@ class TensorRTRunner(Runner):
     def close(self) -> None:
         if self._stream is not None:
             self._stream.synchronize()
-        self._context = self._engine = self._runtime = self._stream = self._events = None
+        self._context = self._engine = self._runtime = self._stream = self._events = self._pinned = None
         super().close()
 
 
@@ -202,6 +204,6 @@ def _prepare(model, plan, cache) -> Path:
     return cache.engine(model, plan.for_one(plan.precision, portable=True))
 
 
-TENSORRT = register(Backend("tensorrt", "engine", {"cuda": ("fp32", "fp16")}, _open, unavailable_reason, _prepare,
+TENSORRT = register(Backend("tensorrt", "engine", {"cuda": ("fp32", "fp16", "int8")}, _open, unavailable_reason, _prepare,
                             platform="tensorrt_plan", title="TensorRT",
                             packages=("tensorrt",)))

@@ -334,8 +334,8 @@ def test_slow_headers_are_cut_off(server):
 def test_full_queue_refuses_before_the_body_is_sent(slow_server):
     """A busy server answers 503 to the request headers alone: the client never has to upload."""
     x = np.random.default_rng(1).standard_normal((1, 3, 448, 448)).astype(np.float32)
-    head = (f"POST /features HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-            f"Content-Length: 5000000\r\n\r\n").encode()
+    head = ("POST /features HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+            "Content-Length: 5000000\r\n\r\n").encode()
     with httpx.Client(timeout=60) as client, ThreadPoolExecutor(4) as pool:
         for _attempt in range(5):
             request = v2_binary(x, outputs=[{"name": "stage4", "parameters": {"binary_data": True}}])

@@ -1,0 +1,201 @@
+"""Low precision: which (backend, precision, CPU) combinations run, calibration images, and INT8
+post-training quantization of an exported float32 graph with the libraries that own it
+(ONNX Runtime's static QDQ quantizer, NNCF for OpenVINO).
+
+Everything takes a float32 artifact path and writes a new file: exporting is the tools' job. A
+combination that cannot run here is refused (`require_precision`) before anything is exported or
+calibrated, and INT8 is never calibrated on anything but real image files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .preprocess import image_files, load_images
+from .runners.base import INPUT_NAME, RunnerUnavailable
+
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+CALIBRATION_SUFFIXES = {".jpg", ".jpeg", ".png"}
+MIN_CALIBRATION_IMAGES = 32        # fewer real images give activation ranges of a handful of pictures
+MAX_CALIBRATION_IMAGES = 300       # NNCF's default subset size; more only costs time
+# Linear algebra is what INT8 speeds up; LayerNorm, softmax / attention (with its decay-bias mask)
+# and the residual adds stay float: the known failure points of quantized transformers.
+ORT_QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+OPENVINO_FLOAT_OPS = ("ScaledDotProductAttention", "Softmax", "MVN")
+
+
+class CalibrationError(ValueError):
+    """The calibration folder cannot give a meaningful INT8 calibration; the message says why."""
+
+
+class PrecisionUnavailable(RunnerUnavailable):
+    """This (backend, precision, device) combination does not run here; the message says why."""
+
+
+def require_precision(backend: str, precision: str, device: str = "cpu") -> None:
+    """Raise `PrecisionUnavailable` with the registry's reason, before anything is exported."""
+    from .runners.registry import get_backend
+    if reason := get_backend(backend).unavailable_reason(device, precision):
+        raise PrecisionUnavailable(reason)
+
+
+def calibration_images(folder: str | Path, image_size: int, *, min_images: int = MIN_CALIBRATION_IMAGES,
+                       max_images: int = MAX_CALIBRATION_IMAGES) -> np.ndarray:
+    """Real JPEG/PNG images under ``folder`` (recursive, sorted, evenly thinned to ``max_images``),
+    decoded and preprocessed exactly as the server does: (N, 3, S, S) float32."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CalibrationError(f"calibration folder {folder} does not exist or is not a directory")
+    paths = [p for p in image_files(folder) if p.suffix.lower() in CALIBRATION_SUFFIXES]
+    if len(paths) < min_images:
+        raise CalibrationError(f"calibration folder {folder} has {len(paths)} JPEG/PNG images; INT8 calibration "
+                               f"needs at least {min_images} real images (a few hundred is best)")
+    if len(paths) > max_images:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, max_images).round().astype(int)]
+    return load_images(paths, image_size)
+
+
+def calibration_tag(folder: str | Path) -> str:
+    """``<folder name>-<8 hex>``: the digest of the calibration images' relative paths and sizes, so an
+    INT8 file named by it is never reused for other images."""
+    import hashlib
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in image_files(folder):
+        digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}\n".encode())
+    return f"{folder.resolve().name}-{digest.hexdigest()[:8]}"
+
+
+def calibration_batches(images: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Full batches of ``batch`` rows (what a static-batch graph takes); the last one wraps around to
+    the first images instead of padding with zeros, which would skew the activation ranges."""
+    count = -(-len(images) // batch)
+    return [images[np.arange(i * batch, (i + 1) * batch) % len(images)] for i in range(count)]
+
+
+def _onnx_batch(proto) -> int | None:
+    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value or None
+
+
+class _BatchReader:
+    """ONNX Runtime's CalibrationDataReader protocol over preprocessed batches."""
+
+    def __init__(self, batches: Sequence[np.ndarray]):
+        self._batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def _float_matmuls(proto) -> list[str]:
+    """MatMuls of two activations (attention scores and mixing in the portable export): kept float."""
+    constants = {i.name for i in proto.graph.initializer}
+    constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and not set(n.input) & constants]
+
+
+def quantize_onnxruntime(fp32_onnx: str | Path, out_path: str | Path, images: np.ndarray, *,
+                         calibration: str = "", per_channel: bool = True) -> Path:
+    """A QDQ INT8 copy of a float32 ONNX file (activations uint8, weights int8 per output channel,
+    MinMax calibration over ``images``), the input of ONNX Runtime's CPU int8 kernels and of
+    TensorRT's explicit quantization. Only Conv/Gemm/MatMul with a weight operand are quantized."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(os.fspath(fp32_onnx))
+    batch = _onnx_batch(proto) or 8
+    prepared = out_path.with_suffix(".prep.onnx")
+    # shape inference and ORT's graph fusions first, as ONNX Runtime's docs advise for static quantization
+    quant_pre_process(os.fspath(fp32_onnx), os.fspath(prepared), skip_symbolic_shape=True)
+    prepared_proto = onnx.load(os.fspath(prepared))
+    present = {n.op_type for n in prepared_proto.graph.node}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(prepared, out_path, _BatchReader(calibration_batches(images, batch)),
+                        quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        op_types_to_quantize=[t for t in ORT_QUANTIZED_OPS if t in present],
+                        nodes_to_exclude=_float_matmuls(prepared_proto),
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    prepared.unlink(missing_ok=True)
+    quantized = onnx.load(os.fspath(out_path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    meta.update({"rmt.precision": "int8", "rmt.quantizer": "onnxruntime.quantization QDQ (static, MinMax)",
+                 "rmt.calibration": f"{len(images)} images {calibration}".strip()})
+    del quantized.metadata_props[:]
+    for key, value in meta.items():
+        quantized.metadata_props.add(key=key, value=value)
+    onnx.save(quantized, os.fspath(out_path))
+    return out_path
+
+
+def _openvino_ignored_scope(model):
+    import nncf
+    present = {op.get_type_name() for op in model.get_ops()}
+    return nncf.IgnoredScope(types=[t for t in OPENVINO_FLOAT_OPS if t in present], validate=False)
+
+
+def quantize_openvino(fp32_onnx: str | Path, out_xml: str | Path, images: np.ndarray, *, calibration: str = "",
+                      validation: tuple[np.ndarray, np.ndarray] | None = None, max_drop: float = 0.01) -> Path:
+    """An OpenVINO IR (.xml + .bin) with NNCF's INT8 (transformer model type, mixed preset:
+    symmetric weights, asymmetric activations) calibrated on ``images``. With ``validation``
+    (preprocessed images, labels) NNCF's accuracy-controlled quantization reverts layers to float
+    until top-1 is within ``max_drop`` (a fraction) of the float model.
+
+    The runner's graph rewrites are not applied here: they are output-preserving and the runner
+    applies them to the quantized IR when it loads it (a pattern a quantizer changed stays as it was)."""
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    model = ov.Core().read_model(os.fspath(fp32_onnx))
+    batch = model.inputs[0].get_partial_shape()[0]
+    batch = batch.get_length() if batch.is_static else 8
+    calib = calibration_batches(images, batch)
+    options = dict(subset_size=len(calib), model_type=nncf.ModelType.TRANSFORMER,
+                   preset=nncf.QuantizationPreset.MIXED, ignored_scope=_openvino_ignored_scope(model))
+    # SmoothQuant (on by default for the transformer type) moves activation outliers into the weights;
+    # on RMT it loses accuracy instead (cosine to float32 eager falls below the int8 gate, see docs/precision.md)
+    advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
+    nncf.set_log_level(logging.WARNING)     # not the per-node "not adding quantizer" lines
+    if validation is None:
+        quantized = nncf.quantize(model, nncf.Dataset(calib), advanced_parameters=advanced, **options)
+    else:
+        quantized = nncf.quantize_with_accuracy_control(
+            model, nncf.Dataset(calib), nncf.Dataset(_labelled_batches(*validation, batch)), _top1_validation,
+            max_drop=max_drop, advanced_quantization_parameters=advanced, **options)
+    for key, value in {"rmt.precision": "int8", "rmt.quantizer": f"nncf {nncf.__version__} "
+                       f"{'quantize_with_accuracy_control' if validation else 'quantize'} (transformer, mixed, no SmoothQuant)",
+                       "rmt.calibration": f"{len(images)} images {calibration}".strip(),
+                       "rmt.graph_rewrites": "applied by the runner at load"}.items():
+        quantized.set_rt_info(value, ["framework", key])
+    out_xml = Path(out_xml)
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, os.fspath(out_xml), compress_to_fp16=False)
+    return out_xml
+
+
+def _labelled_batches(images: np.ndarray, labels: np.ndarray, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    batches = calibration_batches(images, batch)
+    label_batches = calibration_batches(labels, batch)
+    return list(zip(batches, label_batches))
+
+
+def _top1_validation(compiled_model, data: Iterator[tuple[np.ndarray, np.ndarray]]) -> tuple[float, list[float]]:
+    """NNCF's validation function: top-1 of a compiled OpenVINO model, and per-sample hits."""
+    output = compiled_model.outputs[0]
+    hits: list[float] = []
+    for images, labels in data:
+        logits = compiled_model(images)[output]
+        hits += (np.argmax(logits, axis=1) == labels).astype(float).tolist()
+    return float(np.mean(hits)), hits

@@ -1,0 +1,91 @@
+"""rmt-export with bf16 / int8 on the trained Shapes10 fixture: the artifacts pass the parity and
+accuracy gates (top-1 within a point of float32 eager), a broken calibration fails the accuracy gate
+with the reason and a non-zero exit, and combinations that cannot run are refused before any export."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from rmt_deploy.exporters.cli import main
+from rmt_deploy.exporters.export import MANIFEST_NAME
+from rmt_deploy.runners import get_backend, registry
+from shapes10 import CALIB, CHECKPOINT, CONFIG, SIZE, VAL, needs_fixture
+
+pytestmark = needs_fixture
+
+
+def _export(out, *extra) -> int:
+    return main(["--model", str(CONFIG), "--checkpoint", str(CHECKPOINT), "--image-size", str(SIZE),
+                 "--batch-size", "8", "--output", str(out), "--images", str(CALIB), *extra])
+
+
+@pytest.fixture(scope="module")
+def lowp_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lowp")
+    code = _export(out, "--precision", "fp32,bf16,int8", "--calib", str(CALIB), "--accuracy-data", str(VAL))
+    return code, json.loads((out / MANIFEST_NAME).read_text()), out
+
+
+def test_bf16_and_int8_artifacts_pass_the_gates(lowp_export):
+    code, manifest, _ = lowp_export
+    low = [a for a in manifest["artifacts"] if a["precision"] in ("bf16", "int8")]
+    runs = {(a["backend"], a["precision"]) for a in low}
+    expected = {(name, p) for name in ("onnxruntime", "openvino") for p in ("bf16", "int8")
+                if not get_backend(name).unavailable_reason("cpu", p)}
+    assert code == 0 and runs == expected and expected
+    for art in low:
+        assert art["parity"]["passed"], art
+        assert art["accuracy"]["passed"] and art["accuracy"]["drop_points"] <= 1.0, art
+        assert art["accuracy"]["images"] == 500
+    # the OpenVINO INT8 artifact is NNCF's IR; bf16 is the fp32 file computed in bfloat16
+    assert {a["path"].rsplit(".", 1)[1] for a in low if a["precision"] == "int8"} <= {"onnx", "xml"}
+    assert all(a["path"].endswith("_fp32.onnx") and "bf16 inference precision" in a["computes"]
+               for a in low if a["precision"] == "bf16")
+
+
+def test_the_triton_repository_takes_the_int8_files(lowp_export, tmp_path):
+    from rmt_deploy.exporters.triton import write_triton_repo
+    _, manifest, out = lowp_export
+    notes = []
+    written = {d.name: d for d in write_triton_repo(tmp_path / "repo", out, manifest, report=notes.append)}
+    qdq = next(d for n, d in written.items() if n.endswith("_onnx_int8"))
+    assert (qdq / "1" / "model.onnx").is_file() and 'platform: "onnxruntime_onnx"' in (qdq / "config.pbtxt").read_text()
+    if get_backend("openvino").unavailable_reason("cpu", "int8") is None:
+        ir = written[next(n for n in written if n.endswith("_openvino_int8"))]
+        assert {p.name for p in (ir / "1").iterdir()} == {"model.xml", "model.bin"}
+        config = (ir / "config.pbtxt").read_text()
+        assert 'backend: "openvino"' in config and "platform" not in config
+    assert not [n for n in written if n.endswith("_bf16")]
+    assert all("runtime precision" in note for note in notes) and len(notes) == sum(
+        a["precision"] == "bf16" for a in manifest["artifacts"])
+
+
+def test_a_constant_calibration_fails_the_accuracy_gate(tmp_path, capsys):
+    calib = tmp_path / "constant"
+    calib.mkdir()
+    image = Image.new("RGB", (SIZE, SIZE), (127, 127, 127))
+    for i in range(40):
+        image.save(calib / f"grey_{i:03d}.png")
+    code = _export(tmp_path / "out", "--backends", "onnxruntime", "--precision", "int8", "--calib", str(calib),
+                   "--accuracy-data", str(VAL), "--max-accuracy-drop", "1.0")
+    err = " ".join(capsys.readouterr().err.split())
+    assert code != 0
+    assert "accuracy gate FAILED" in err and "drop" in err and "--max-accuracy-drop" in err
+    art = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["artifacts"][0]
+    assert art["precision"] == "int8" and art["accuracy"]["drop_points"] > 1.0
+
+
+@pytest.mark.parametrize("extra, reason", [
+    (["--precision", "int8"], "needs --calib DIR"),
+    (["--backends", "onnxruntime", "--precision", "bf16"], "does not run bf16 on cpu"),
+    (["--backends", "openvino", "--precision", "bf16", "--calib", str(CALIB)], "this CPU has no AVX512_BF16/AMX"),
+    (["--backends", "openvino", "--precision", "int8", "--calib", str(CALIB)], "this CPU has no VNNI/AMX"),
+])
+def test_unsupported_combinations_are_refused_before_export(tmp_path, monkeypatch, extra, reason):
+    # a CPU without bf16 / int8 instructions (this one has them): the flags the registry reads
+    monkeypatch.setattr(registry, "cpu_flags", lambda: {"avx2"})
+    with pytest.raises(SystemExit, match=reason.replace("/", ".")):
+        _export(tmp_path / "out", *extra)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,164 @@
+"""INT8 post-training quantization of the trained Shapes10 fixture (ONNX Runtime QDQ, OpenVINO NNCF)
+held to the low-precision accuracy gate, and what calibration refuses."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from rmt_deploy import quantize as q
+from rmt_deploy.accuracy import AccuracyDropError, low_precision_gate
+from rmt_deploy.parity import ParityError
+from rmt_deploy.preprocess import load_images
+from rmt_deploy.runners import RunnerUnavailable, get_backend, registry
+from rmt_deploy.runners.onnxruntime import OnnxRuntimeRunner
+import shapes10
+from shapes10 import BATCH, CALIB, SIZE, export_fixture, needs_fixture
+
+pytestmark = needs_fixture
+int8_here = pytest.mark.skipif(bool(get_backend("onnxruntime").unavailable_reason("cpu", "int8")),
+                               reason=str(get_backend("onnxruntime").unavailable_reason("cpu", "int8")))
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory):
+    return export_fixture(tmp_path_factory.mktemp("shapes10"))
+
+
+@pytest.fixture(scope="module")
+def calib_images():
+    return q.calibration_images(CALIB, SIZE)
+
+
+def _gate(candidate, precision="int8"):
+    """The gate against float32 eager on the validation folder and on its degraded copy."""
+    return [low_precision_gate(shapes10.reference(), candidate, precision, shapes10.parity_images(), BATCH,
+                               labelled=shapes10.labelled()[name]) for name in ("val", "degraded")]
+
+
+def _write_png(path, value, size=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+
+
+def test_calibration_refuses_missing_empty_and_too_small_folders(tmp_path):
+    with pytest.raises(q.CalibrationError, match="does not exist"):
+        q.calibration_images(tmp_path / "nowhere", SIZE)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(q.CalibrationError, match="has 0 JPEG/PNG images"):
+        q.calibration_images(tmp_path, SIZE)
+    for i in range(3):
+        _write_png(tmp_path / "sub" / f"{i}.png", 40 * i)
+    with pytest.raises(q.CalibrationError, match=r"has 3 JPEG/PNG images; INT8 calibration needs at least 32"):
+        q.calibration_images(tmp_path, SIZE)
+
+
+def test_calibration_reads_jpeg_and_png_recursively_preprocessed_like_the_server(tmp_path):
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    targets = [tmp_path / "a.png", tmp_path / "deep" / "b.jpg", tmp_path / "deep" / "er" / "c.jpeg", tmp_path / "d.png"]
+    for src, target in zip(sorted(CALIB.glob("*.png")), targets):
+        with Image.open(src) as img:
+            img.convert("RGB").save(target)
+    images = q.calibration_images(tmp_path, SIZE, min_images=4)
+    files = sorted(targets)
+    assert images.shape == (4, 3, SIZE, SIZE)
+    np.testing.assert_array_equal(images, load_images(files, SIZE))
+    batches = q.calibration_batches(images[:3], 2)
+    assert [len(b) for b in batches] == [2, 2] and np.array_equal(batches[1][1], images[0])   # wraps, no zeros
+
+
+@int8_here
+def test_onnxruntime_qdq_int8_passes_the_gate(fp32_onnx, calib_images, tmp_path):
+    path = q.quantize_onnxruntime(fp32_onnx, tmp_path / "int8.onnx", calib_images, calibration=str(CALIB))
+    proto = onnx.load(str(path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Attention", "LayerNormalization"} <= ops
+    int8_weights = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    per_channel = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                   and n.input[0] in {w.name for w in int8_weights} and any(a.name == "axis" for a in n.attribute)]
+    assert len(int8_weights) >= 60 and per_channel        # every Conv / Gemm weight, per output channel
+    candidate = OnnxRuntimeRunner(path).load()
+    assert candidate.precision == "int8" and candidate.metadata().extra["rmt.precision"] == "int8"
+    for report in _gate(candidate):
+        assert report.passed, report.text()
+        assert report.drop <= 1.0
+    assert 0.8 <= report.reference_top1.top1 <= 0.95      # the degraded copy can show a one-point drop
+
+
+@pytest.fixture(scope="module")
+def openvino_int8_ir(fp32_onnx, calib_images):
+    pytest.importorskip("nncf")
+    return q.quantize_openvino(fp32_onnx, fp32_onnx.with_name("int8.xml"), calib_images, calibration=str(CALIB))
+
+
+@int8_here
+def test_openvino_nncf_int8_ir_passes_the_gate(openvino_int8_ir):
+    from rmt_deploy.runners.openvino import OpenVINORunner
+    path = openvino_int8_ir
+    assert path.with_suffix(".bin").is_file()
+    candidate = OpenVINORunner(path).load()
+    meta = candidate.metadata().extra
+    assert candidate.precision == "int8" and meta["inference_precision"] == "f32"
+    assert meta["rmt.graph_rewrites"] == "applied by the runner at load" and meta["attention_nan_guards_removed"] == "9"
+    import openvino as ov
+    ir_ops = [op.get_type_name() for op in ov.Core().read_model(str(path)).get_ops()]
+    assert ir_ops.count("FakeQuantize") >= 60 and "ScaledDotProductAttention" in ir_ops
+    for report in _gate(candidate):
+        assert report.passed, report.text()
+
+
+@int8_here
+@pytest.mark.skipif(bool(get_backend("openvino").unavailable_reason("cpu", "bf16")),
+                    reason=str(get_backend("openvino").unavailable_reason("cpu", "bf16")))
+def test_openvino_int8_ir_with_bf16_float_layers_passes_the_int8_gate(openvino_int8_ir):
+    from rmt_deploy.runners.openvino import OpenVINORunner
+    candidate = OpenVINORunner(openvino_int8_ir, precision="bf16").load()
+    assert candidate.precision == "int8" and candidate.metadata().extra["inference_precision"] == "bf16"
+    for report in _gate(candidate):
+        assert report.passed, report.text()
+
+
+@int8_here
+def test_openvino_accuracy_controlled_int8_stays_within_the_drop(fp32_onnx, calib_images, tmp_path):
+    pytest.importorskip("nncf")
+    from rmt_deploy.runners.openvino import OpenVINORunner
+    path = q.quantize_openvino(fp32_onnx, tmp_path / "int8_ac.xml", calib_images,
+                               validation=shapes10.labelled()["degraded"], max_drop=0.01)
+    candidate = OpenVINORunner(path).load()
+    assert "quantize_with_accuracy_control" in candidate.metadata().extra["rmt.quantizer"]
+    report = low_precision_gate(shapes10.reference(), candidate, "int8", shapes10.parity_images(), BATCH,
+                                labelled=shapes10.labelled()["degraded"])
+    assert report.passed and report.drop <= 1.0, report.text()
+
+
+@int8_here
+def test_calibrating_on_one_constant_image_fails_the_gate_with_a_clear_message(fp32_onnx, tmp_path):
+    _write_png(tmp_path / "calib" / "grey.png", 128)
+    constant = q.calibration_images(tmp_path / "calib", SIZE, min_images=1)
+    path = q.quantize_onnxruntime(fp32_onnx, tmp_path / "broken.onnx", constant)
+    report = _gate(OnnxRuntimeRunner(path).load())[0]
+    assert not report.passed
+    with pytest.raises((ParityError, AccuracyDropError)) as failure:
+        report.raise_for_failure()
+    message = str(failure.value)
+    assert "FAILED" in message and ("below" in message or "drop" in message)
+
+
+def test_unsupported_combinations_are_refused_with_the_reason_before_any_export(monkeypatch):
+    assert registry.cpu_precision_reason("bf16", {"avx2"}) == \
+        "this CPU has no AVX512_BF16/AMX (bf16 would be emulated, slower than fp32)"
+    assert "VNNI" in registry.cpu_precision_reason("int8", {"avx2"})
+    assert registry.cpu_precision_reason("bf16", {"avx512_bf16"}) is None
+    assert get_backend("eager").unavailable_reason("cpu", "int8").startswith("eager does not run int8 on cpu")
+    assert "CUDA devices only" in get_backend("tensorrt").unavailable_reason("cpu", "int8")
+    with pytest.raises(ValueError, match="unknown precision"):
+        get_backend("openvino").unavailable_reason("cpu", "int4")
+    monkeypatch.setattr(registry, "cpu_flags", lambda: {"avx2"})
+    assert "no VNNI" in get_backend("onnxruntime").unavailable_reason("cpu", "int8")
+    with pytest.raises(q.PrecisionUnavailable, match="no AVX512_BF16"):
+        q.require_precision("openvino", "bf16")
+    with pytest.raises(RunnerUnavailable, match="no INT8 quantizer"):
+        get_backend("eager").quantize(CALIB, CALIB, SIZE)
+    with pytest.raises(RunnerUnavailable, match="needs --calib"):
+        get_backend("onnxruntime").quantize(CALIB, None, SIZE)
