@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-h", "--help", action="store_true", help="show this help and the server's options")
     p.add_argument("--url", help="target a running server instead of starting one")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated sweep")
+    p.add_argument("--instances", default=None, help="comma-separated sweep of the server's --instances (model "
+                                                     "instances); each setting is its own server run")
     p.add_argument("--requests", type=int, default=2000, help="requests at the highest concurrency; lower levels "
                                                               "send proportionally fewer (at least 50)")
     p.add_argument("--level-time-limit-s", type=float, default=600.0, help="stop a level after this long")
@@ -96,7 +98,7 @@ def offline_throughput(args, settings, images: list[bytes]) -> tuple[float, int,
             runs += 1
         return runs * len(batch) / (time.perf_counter() - start), size, served.name
     finally:
-        served.runner.close()
+        served.close()
 
 
 def server_command(settings, port: int) -> list[str]:
@@ -170,6 +172,26 @@ def main(argv: list[str]) -> int:
     args, settings = parse_args(argv)
     images = sample_jpegs()
     levels = [int(c) for c in args.concurrency.split(",")]
+    counts = [int(n) for n in args.instances.split(",")] if args.instances else [settings.instances]
+    summaries = []
+    for count in counts:
+        if args.instances:
+            print(f"--- {count} model instance(s)")
+            settings = settings.model_copy(update={"instances": count})
+            settings.model_fields_set.add("instances")      # passed on to the server's command line
+        summaries.append(measure(args, settings, images, levels))
+    if len(summaries) > 1:
+        print("\n".join(f"instances {s['instances']}: saturation {s['server_saturation_req_per_s']:.1f} req/s, "
+                        f"p99 at concurrency {s['levels'][-1]['concurrency']} {s['levels'][-1]['p99_ms']:.0f} ms, "
+                        f"errors {s['errors']}" for s in summaries))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summaries[0] if len(summaries) == 1 else {"settings": summaries}, f, indent=2)
+    return 0 if all(s["errors"] == 0 for s in summaries) else 1
+
+
+def measure(args, settings, images: list[bytes], levels: list[int]) -> dict:
+    """One server setting: offline runner before, the load levels, offline runner after."""
     offline_before, batch_size, name = offline_throughput(args, settings, images)
     print(f"offline {settings.backend} runner, batch {batch_size}: {offline_before:.1f} images/s")
 
@@ -214,13 +236,11 @@ def main(argv: list[str]) -> int:
                "offline_before_after": [offline_before, offline_after],
                "server_saturation_req_per_s": saturated, "server_over_offline": ratio,
                "errors": errors, "server_rss_growth_mb": rss_growth_mb,
-               "max_batch_size": batch_size, "model": name, "backend": settings.backend}
+               "max_batch_size": batch_size, "model": name, "backend": settings.backend,
+               "instances": settings.instances, "threads": settings.threads}
     print(f"saturation: {saturated:.1f} req/s = {ratio:.0%} of offline; errors {errors}; "
           + (f"server RSS growth {rss_growth_mb:.1f} MB" if rss_growth_mb is not None else "RSS not measured (--url)"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return 0 if errors == 0 else 1
+    return summary
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rmt-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap, ema_alias=True)
-    ap.add_argument("--task", choices=["classify", "features"], default="classify")
+    ap.add_argument("--task", choices=["classify", "features", "all"], default="classify",
+                    help="all: logits, embedding and the four stage maps in one graph (rmt-serve answers /classify "
+                         "and /features from it)")
     add_backend_arg(ap, sweep=True, default=[AUTO], extra_choices=(AUTO,))
     ap.add_argument("--format", choices=[*dict.fromkeys(ARTIFACT_FORMATS.values()), "all", AUTO],
                     help=argparse.SUPPRESS)     # the old spelling of --backends
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         with _step("Loading the model"):
             model = create_model(args.model, checkpoint=args.checkpoint, features_only=args.task == "features",
                                  weights=args.weights)
+            if args.task == "all":
+                model.with_stage_outputs()
     except (CheckpointError, ValueError) as exc:
         console.print(f"[red]rmt-export: {exc}")
         return 2

@@ -77,7 +77,8 @@ def default_opset(plan: ExportPlan) -> int:
 
 
 def default_stem(model) -> str:
-    return model.config.name if not model.features_only else f"{model.config.name}_features"
+    task = ArtifactDescription.from_model(model).task
+    return model.config.name if task == "classify" else f"{model.config.name}_{task}"
 
 
 def export_artifacts(model, plan: ExportPlan, *, step=_no_step, reuse: bool = False) -> Manifest:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-TASKS = ("classify", "features")
+TASKS = ("classify", "features", "all")     # all: logits, embedding and the stage maps of one forward
 DYNAMIC = "dynamic"
 _PREFIX = "rmt."
 
@@ -57,7 +57,7 @@ class ArtifactDescription:
     batch: Range | None = None
     num_classes: int = 0
     output_names: tuple[str, ...] = ("logits",)
-    output_strides: tuple[int, ...] = ()
+    output_strides: tuple[int, ...] = ()         # of the stage-map outputs, in order
     output_dtypes: tuple[str, ...] = ("float32",)
     precision: str = "fp32"
     checkpoint_sha256: str | None = None
@@ -67,11 +67,12 @@ class ArtifactDescription:
     def from_model(cls, model, *, precision: str = "fp32", height: int | None = None, width: int | None = None,
                    batch: Range | None = None) -> "ArtifactDescription":
         """The description of ``model`` (an `RMT`) served or exported at these sizes."""
-        features = bool(model.features_only)
+        features, stages = bool(model.features_only), getattr(model, "stage_outputs", False)
         names = tuple(model.output_names)
-        return cls(model=model.config.name, task="features" if features else "classify", height=height, width=width,
+        task = "features" if features else "all" if stages else "classify"
+        return cls(model=model.config.name, task=task, height=height, width=width,
                    batch=batch, num_classes=0 if features else model.config.num_classes, output_names=names,
-                   output_strides=tuple(model.stage_strides) if features else (),
+                   output_strides=tuple(model.stage_strides) if features or stages else (),
                    output_dtypes=("float32",) * len(names), precision=precision,
                    checkpoint_sha256=(getattr(model, "checkpoint", None) or {}).get("sha256"))
 

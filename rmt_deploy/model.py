@@ -656,13 +656,28 @@ class RMT(nn.Module):
         self.output_names = ["logits", "embedding"]
         return self
 
+    def with_stage_outputs(self) -> "RMT":
+        """Both tasks from one forward: ``logits``, ``embedding`` and the four stage maps ``stage1..4``
+        (NCHW, as ``forward_intermediates``), which a classifier computes anyway. In place."""
+        self.with_embedding()
+        self.stage_outputs = True
+        self.output_names = ["logits", "embedding", *(f"stage{i + 1}" for i in range(self.num_stages))]
+        return self
+
+    @property
+    def output_channels(self) -> list[int]:
+        """Channels of each output, in ``output_names`` order."""
+        channels = {"logits": self.config.num_classes, "embedding": self.config.projection,
+                    **{f"stage{i + 1}": c for i, c in enumerate(self.stage_channels)}}
+        return [channels[name] for name in self.output_names]
+
     def forward(self, x: torch.Tensor):
         if self.features_only:
             return self.forward_intermediates(x)
-        x = self.forward_features(x)
+        x, maps = self._stage_outputs(x, keep=getattr(self, "stage_outputs", False))
         if getattr(self, "embedding_output", False):
             pooled = self.forward_head(x, pre_logits=True)
-            return self._logits(x, pooled), pooled
+            return self._logits(x, pooled), pooled, *maps
         return self.forward_head(x)
 
 

@@ -62,19 +62,36 @@ async def lifespan(app: FastAPI):
                  "(--max-batch-size %d does not apply)", max_batch_size, max_batch_size, settings.max_batch_size)
     if settings.warmup:
         await asyncio.to_thread(served.warmup, max_batch_size)
-    batcher = DynamicBatcher(served.infer, app.state.metrics, max_batch_size=max_batch_size,
+    batcher = DynamicBatcher(served.instances(), app.state.metrics, max_batch_size=max_batch_size,
                              max_delay_ms=settings.max_delay_ms, max_queue_size=settings.max_queue_size)
     batcher.start()
     decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="rmt-decode")
     state = ServerState(settings, app.state.metrics, served, batcher, decode_pool, ready=True)
     app.state.server = state
+    grpc_server = None
     try:
+        if settings.grpc_port is not None:
+            grpc_server, app.state.grpc_port = await grpc_frontend().start_grpc_server(
+                app, settings.host, settings.grpc_port, settings.max_upload_bytes)
+            log.info("KServe v2 gRPC on %s:%d", settings.host, app.state.grpc_port)
         yield
     finally:
         state.ready = False
+        if grpc_server is not None:     # refuses new calls, lets running ones finish (the batcher still runs)
+            await grpc_server.stop(settings.graceful_timeout_s)
         await batcher.drain(settings.graceful_timeout_s)
         decode_pool.shutdown(wait=True)
-        served.runner.close()
+        served.close()
+
+
+def grpc_frontend():
+    """The gRPC module; grpcio and tritonclient's stubs are the optional ``grpc`` extra."""
+    try:
+        from . import grpc_api
+    except ImportError as exc:
+        raise RuntimeError(f"--grpc-port needs grpcio and tritonclient[grpc] ({exc.name} is missing): "
+                           "pip install 'rmt-deploy[grpc]'") from exc
+    return grpc_api
 
 
 def create_app(settings: ServeSettings | None = None, served: ServedModel | None = None) -> FastAPI:

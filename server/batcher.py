@@ -4,8 +4,10 @@ dynamic batcher does, because a batch of 8 costs far less than 8 batches of 1.
 A request first reserves queue room for all its images (none left: `QueueFull`, the caller answers
 503), decodes them, then queues them at once. One task on the event loop forms batches up to
 ``max_batch_size`` images: it takes every compatible request already waiting and waits at most
-``max_delay_ms`` after the first one for more, and runs inference in a single worker thread so the
-loop keeps serving. Every request gets back exactly its own rows of every output. When a request
+``max_delay_ms`` after the first one for more, and runs inference in a worker thread so the loop
+keeps serving. With several model instances (Triton's instance_group) each instance has its own
+loop and thread: a free instance forms the next batch while the others run theirs, one forming at a
+time, so batches stay as full as with one instance. Every request gets back exactly its own rows of every output. When a request
 ends early (timeout, disconnect, a sibling file that failed) its reservation is released and its
 images still waiting are withdrawn, so nobody pays for abandoned work.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -75,27 +77,37 @@ class Reservation:
         return list(await asyncio.gather(*(p.future for p in pending)))
 
 
+Infer = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
 class DynamicBatcher:
-    def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], metrics: ServerMetrics, *,
+    def __init__(self, instances: Infer | Sequence[Infer], metrics: ServerMetrics, *,
                  max_batch_size: int, max_delay_ms: float, max_queue_size: int):
-        self.infer, self.metrics = infer, metrics
+        """``instances``: one inference function per model instance (a single function: one instance)."""
+        self.instances = [instances] if callable(instances) else list(instances)
+        self.metrics = metrics
         self.max_batch_size, self.max_delay_s = max_batch_size, max_delay_ms / 1e3
         self.max_queue_size = max_queue_size
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
         self._held = 0                    # images reserved or queued, not yet taken into a batch
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmt-infer")
-        self._task: asyncio.Task | None = None
-        self._busy = False
+        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rmt-infer-{i}")
+                           for i in range(len(self.instances))]
+        self._forming = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._busy = 0                    # batches taken and not yet answered, for drain()
         self.failures_in_a_row = 0        # runner calls that raised since the last one that worked
+        for i in range(len(self.instances)):
+            metrics.instance_busy_seconds.labels(str(i))      # every instance listed from the start, at 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="rmt-batcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(i), name=f"rmt-batcher-{i}") for i in range(len(self.instances))]
 
     @property
     def running(self) -> bool:
-        """The batching task is alive: only drain() (or a bug) ends it."""
-        return self._task is not None and not self._task.done()
+        """Every instance's batching task is alive: only drain() (or a bug) ends them."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     @property
     def queued_images(self) -> int:
@@ -151,7 +163,7 @@ class DynamicBatcher:
         while not self._queue:
             await self._wait_for_arrival(None)
         first = self._take()
-        self._busy = True                 # from here until the batch has run, for drain()
+        self._busy += 1                   # from here until the batch has run
         batch, rows = [first], len(first.images)
         deadline = time.perf_counter() + self.max_delay_s
         while rows < self.max_batch_size:
@@ -166,26 +178,30 @@ class DynamicBatcher:
             rows += len(head.images)
         return [p for p in batch if not p.future.done()]
 
-    async def _run(self) -> None:
+    async def _run(self, instance: int) -> None:
         while True:
-            batch = await self._collect()
+            async with self._forming:     # one instance forms a batch at a time; the others run theirs
+                batch = await self._collect()
             try:
                 if batch:
-                    await self._run_batch(batch)
+                    await self._run_batch(batch, instance)
             finally:
-                self._busy = False
+                self._busy -= 1
 
-    async def _run_batch(self, batch: list[_Pending]) -> None:
+    async def _run_batch(self, batch: list[_Pending], instance: int) -> None:
         images = np.concatenate([p.images for p in batch]) if len(batch) > 1 else batch[0].images
         started = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.infer, images)
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executors[instance], self.instances[instance], images)
         except Exception as exc:  # the runner failed: every request of this batch gets the error
             self.failures_in_a_row += 1
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
+        finally:
+            self.metrics.instance_busy_seconds.labels(str(instance)).inc(time.perf_counter() - started)
         self.failures_in_a_row = 0
         infer_ms = (time.perf_counter() - started) * 1e3
         self.metrics.infer_seconds.observe(infer_ms / 1e3)
@@ -205,10 +221,8 @@ class DynamicBatcher:
         deadline = time.perf_counter() + timeout
         while (self._queue or self._busy) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for executor in self._executors:
+            executor.shutdown(wait=True)

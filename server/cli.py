@@ -7,7 +7,7 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from .app import create_app
+from .app import create_app, grpc_frontend
 from .model_host import load_served_model
 from .protocol import uvicorn_options
 from .settings import parse_cli
@@ -19,6 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, SettingsError) as exc:
         print(f"rmt-serve: {exc}", file=sys.stderr)
         return 2
+    if settings.grpc_port is not None:
+        if settings.ray is not None:    # every replica's lifespan would bind the same port; Serve proxies HTTP only
+            print("rmt-serve: --grpc-port is not served through --ray (Ray Serve's proxy carries the HTTP API)",
+                  file=sys.stderr)
+            return 2
+        try:
+            grpc_frontend()
+        except RuntimeError as exc:
+            print(f"rmt-serve: {exc}", file=sys.stderr)
+            return 2
     if settings.ray is not None:
         from .ray_serve import serve_on_ray     # Ray is optional: imported only here
         return serve_on_ray(settings)

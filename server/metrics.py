@@ -23,4 +23,8 @@ class ServerMetrics:
                                        registry=self.registry)
         self.batch_size = Histogram("rmt_batch_size", "Images per runner call", buckets=BATCH_BUCKETS,
                                     registry=self.registry)
+        self.instance_busy_seconds = Counter("rmt_instance_busy_seconds", "Seconds each model instance spent "
+                                             "running batches", ["instance"], registry=self.registry)
+        self.grpc_requests = Counter("rmt_grpc_requests", "gRPC calls by method and status code", ["method", "code"],
+                                     registry=self.registry)
         self.queue_depth = Gauge("rmt_queue_depth", "Images waiting for inference", registry=self.registry)

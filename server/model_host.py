@@ -2,7 +2,10 @@
 strides, input size), whichever backend serves it: the routers never look at the backend."""
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -16,9 +19,9 @@ from .settings import ServeSettings
 
 @dataclass
 class ServedModel:
-    runner: Runner
+    runners: list[Runner]           # one per model instance, all alike
     name: str
-    task: str                       # "classify" | "features"
+    task: str                       # "classify" | "features" | "all" (both, from one forward)
     image_size: int
     labels: list[str]
     output_names: list[str]
@@ -27,25 +30,50 @@ class ServedModel:
     artifact: ArtifactDescription | None = None
 
     @property
+    def runner(self) -> Runner:
+        """The first instance: what every instance is (backend, precision, metadata)."""
+        return self.runners[0]
+
+    @property
     def strides(self) -> dict[str, int]:
-        strides = self.artifact.output_strides if self.artifact else ()
-        return dict(zip(self.output_names, strides)) if self.task == "features" else {}
+        """Stage-map output -> its stride; empty for a classify-only model."""
+        if self.task == "classify":
+            return {}
+        stages = [name for name in self.output_names if name.startswith("stage")]
+        return dict(zip(stages, self.artifact.output_strides if self.artifact else ()))
+
+    @property
+    def classifies(self) -> bool:
+        return "logits" in self.output_names
+
+    def output_shape(self, name: str, channels: int) -> list[int]:
+        """KServe v2 shape of an output: stage maps are NCHW of any size, the others (N, C)."""
+        return [-1, channels, -1, -1] if name in self.strides else [-1, channels]
 
     def max_batch_size(self, requested: int) -> int:
         """The largest batch the server may form: a static-batch file fixes it."""
         return self.static_batch or requested
 
-    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Outputs for ``images``; a batch smaller than a static-batch file's is zero-padded (static
-        shapes are what runtimes optimise best)."""
-        return infer_padded(self.runner, images, self.static_batch or len(images))
+    def infer(self, images: np.ndarray, instance: int = 0) -> dict[str, np.ndarray]:
+        """Outputs for ``images`` from one instance; a batch smaller than a static-batch file's is
+        zero-padded (static shapes are what runtimes optimise best)."""
+        return infer_padded(self.runners[instance], images, self.static_batch or len(images))
+
+    def instances(self) -> list[Callable[[np.ndarray], dict[str, np.ndarray]]]:
+        """One inference function per instance, for the batcher."""
+        return [partial(self.infer, instance=i) for i in range(len(self.runners))]
 
     def warmup(self, max_batch_size: int) -> None:
-        """Run every batch size the batcher can form once, so no request pays for first-time allocation
-        (or compilation) and the allocator's pools have grown before memory is watched."""
+        """Run every batch size the batcher can form once on every instance, so no request pays for
+        first-time allocation (or compilation) and the allocator's pools have grown before memory is watched."""
         sizes = [self.static_batch] if self.static_batch else range(1, max_batch_size + 1)
-        for batch_size in sizes:
-            self.infer(np.zeros((batch_size, 3, self.image_size, self.image_size), np.float32))
+        for instance in range(len(self.runners)):
+            for batch_size in sizes:
+                self.infer(np.zeros((batch_size, 3, self.image_size, self.image_size), np.float32), instance)
+
+    def close(self) -> None:
+        for runner in self.runners:
+            runner.close()
 
 
 def _served_size(height, width, requested: int) -> int:
@@ -65,26 +93,31 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
     if backend.artifact == "model":
         model = create_model(settings.model, checkpoint=settings.checkpoint and str(settings.checkpoint),
                              features_only=settings.task == "features", weights=settings.weights)
+        if settings.task == "classify":     # a classifier computes the stage maps anyway: serve both tasks
+            model.with_stage_outputs()
+        models = [model] + [copy.deepcopy(model) for _ in range(settings.instances - 1)]   # one copy per instance
         # the batcher forms every size up to --max-batch-size: compile them as one dynamic-batch graph
-        runner = backend.open(model=model, device=settings.device, precision=settings.precision,
-                              threads=settings.threads, dynamic_batch=True).load()
+        runners = [backend.open(model=m, device=settings.device, precision=settings.precision,
+                                threads=settings.threads, dynamic_batch=True).load() for m in models]
+        runner = runners[0]
         described = runner.metadata().artifact
         size, static_batch = settings.image_size, None
-        channels = [described.num_classes] if described.task == "classify" else list(model.stage_channels)
     else:
         asked = settings.precision if "precision" in settings.model_fields_set else None
         if asked and (reason := backend.unavailable_reason(settings.device, asked)):
             raise ValueError(f"--precision {asked}: {reason}")
-        runner = backend.open(artifact=getattr(settings, backend.artifact), device=settings.device,
-                              threads=settings.threads, precision=asked).load()
+        # one session per instance (OpenVINO included: see docs/serving.md, "Model instances")
+        runners = [backend.open(artifact=getattr(settings, backend.artifact), device=settings.device,
+                                threads=settings.threads, precision=asked).load() for _ in range(settings.instances)]
+        runner = runners[0]
         if asked and asked != runner.precision:
             raise ValueError(f"{runner.path} computes in {runner.precision}, not --precision {asked} (export a "
                              "file of that precision)")
         meta = runner.metadata()
         static_batch, height, width = meta.fixed_input_dims()
         size = _served_size(height, width, settings.image_size)
-        channels = [int(t.shape[1]) for t in meta.outputs]
-        described = meta.artifact or ArtifactDescription("rmt", num_classes=channels[0])
-    labels = class_labels(described.num_classes or channels[0]) if described.task == "classify" else []
-    return ServedModel(runner, settings.model_name or described.model, described.task, size, labels,
+        described = meta.artifact or ArtifactDescription("rmt", num_classes=int(meta.outputs[0].shape[1]))
+    channels = [int(t.shape[1]) for t in runner.metadata().outputs]
+    labels = class_labels(described.num_classes or channels[0]) if described.task != "features" else []
+    return ServedModel(runners, settings.model_name or described.model, described.task, size, labels,
                        [t.name for t in runner.metadata().outputs], channels, static_batch, described)

@@ -188,7 +188,7 @@ def _cannot_load(settings: ServeSettings) -> str | None:
     """Load the model once here, as rmt-serve does, so a bad file fails at once with its reason
     instead of in every replica Ray retries."""
     try:
-        load_served_model(settings).runner.close()
+        load_served_model(settings).close()
     except Exception as exc:  # noqa: BLE001 -- ours (checkpoint, missing backend) or the runtime's (corrupt file)
         return f"{type(exc).__name__}: {exc}"
     return None

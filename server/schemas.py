@@ -24,6 +24,7 @@ class ClassifyResponse(BaseModel):
     backend: str
     precision: str
     predictions: list[Prediction]
+    embedding: list[float] | None = Field(None, description="with ?embedding=true: the pooled pre-head vector")
     timing_ms: TimingMs
 
 
@@ -43,6 +44,8 @@ class FeaturesResponse(BaseModel):
     backend: str
     precision: str
     features: list[StageFeature]
+    embedding: list[float] | None = Field(None, description="the classifier's pooled pre-head vector (models "
+                                                            "with a head)")
     timing_ms: TimingMs
 
 

@@ -23,8 +23,9 @@ class ServeSettings(BaseSettings):
     checkpoint: Path | None = Field(None, description="released .pth checkpoint (random weights without one)")
     weights: Literal[WEIGHT_CHOICES] = Field("auto", description="EMA or raw weights of the checkpoint (auto: EMA "
                                              "when present, raw for RMT-T)")
-    task: Literal["classify", "features"] = Field("classify", description="eager/compile only: classification "
-                                                  "head or the four backbone stages (ONNX/TensorRT files say which)")
+    task: Literal["classify", "features"] = Field("classify", description="eager/compile only: the classifier "
+                                                  "(serves /classify and /features from one forward) or the backbone "
+                                                  "alone (/features); ONNX/TensorRT files say which")
     backend: str = Field(backend_names()[0], description=f"one of {', '.join(backend_names())}")
     onnx: Path | None = Field(None, description="ONNX file (fp32, fp16 or QDQ int8) for the ONNX backends, or "
                                                 "an OpenVINO IR .xml (NNCF int8) for openvino")
@@ -33,12 +34,16 @@ class ServeSettings(BaseSettings):
     precision: str = Field("fp32", description=f"one of {', '.join(precision_names())} where the backend runs it "
                            "(a file's own precision by default; bf16 with openvino computes an fp32 file in bfloat16)")
     threads: int | None = Field(None, ge=1, description="intra-op threads for inference")
+    instances: int = Field(1, ge=1, le=64, description="model instances fed by the one batcher, each running "
+                           "batches with --threads threads (Triton's instance_group)")
     image_size: int = Field(224, ge=32, le=1024, description="input resolution (the ONNX/engine file's own wins)")
     model_name: str | None = Field(None, description="name in responses and /v2/models/{name}; default: the "
                                                          "model's (variant, or the config file's stem)")
 
     host: str = Field("127.0.0.1", description="bind address; loopback unless told otherwise")
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="also serve KServe v2 over gRPC on this port "
+                                  "(needs the grpc extra); off unless given")
     max_batch_size: int = Field(8, ge=1, le=256, description="largest batch the dynamic batcher forms")
     max_delay_ms: float = Field(5.0, ge=0, le=1000, description="how long the first request waits for company")
     max_queue_size: int = Field(64, ge=1, description="images waiting for inference before 503")

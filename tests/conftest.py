@@ -68,3 +68,20 @@ def tiny_static(request, tmp_path_factory, tiny_model):
     path = export_onnx(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx", height=64, width=96,
                        opset=request.param)
     return tiny_model, path
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory, tiny_config, tiny_checkpoint) -> dict:
+    """rmt-serve's ``--model`` (the tiny config as a file) and ``--checkpoint`` settings."""
+    config = tmp_path_factory.mktemp("serve") / "tiny_config.json"
+    config.write_text(json.dumps(tiny_config))
+    return {"model": str(config), "checkpoint": str(tiny_checkpoint)}
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_model):
+    """The reference for served answers: the tiny model's logits of a batch."""
+    def run(images):
+        with torch.inference_mode():
+            return tiny_model(torch.from_numpy(images)).numpy()
+    return run

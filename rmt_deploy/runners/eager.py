@@ -88,10 +88,9 @@ class EagerRunner(Runner):
 
     def metadata(self) -> RunnerMetadata:
         artifact = ArtifactDescription.from_model(self.model, precision=self.precision)
-        channels = [self.model.config.num_classes] if not self.model.features_only else self.model.stage_channels
         # outputs come back as float32 whatever the compute precision (`_outputs`)
-        outs = [TensorSpec(n, ("batch", c) if n == "logits" else ("batch", c, "height", "width"), "float32")
-                for n, c in zip(self.model.output_names, channels)]
+        outs = [TensorSpec(n, ("batch", c) if n in ("logits", "embedding") else ("batch", c, "height", "width"),
+                           "float32") for n, c in zip(self.model.output_names, self.model.output_channels)]
         return RunnerMetadata([TensorSpec(INPUT_NAME, ("batch", 3, "height", "width"), "float32")], outs,
                               {"model": self.model.config.name, "checkpoint": getattr(self.model, "checkpoint", None)},
                               artifact)

@@ -13,6 +13,7 @@ from ..security import require_api_key
 from ..state import AcceptingState
 from ..uploads import IMAGE_BODY_OPENAPI, read_images
 
+EMBEDDING = "embedding"
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
 
@@ -27,10 +28,13 @@ def top_predictions(logits: np.ndarray, labels: list[str], top_k: int) -> list[P
 @router.post("/classify", response_model=ClassifyResponse | ClassifyBatchResponse, openapi_extra=IMAGE_BODY_OPENAPI,
              responses=error_responses(400, 401, 409, 413, 415, 422, 503, 504))
 async def classify(request: Request, state: AcceptingState,
-                   top_k: int = Query(5, ge=1, le=1000, description="predictions per image")):
+                   top_k: int = Query(5, ge=1, le=1000, description="predictions per image"),
+                   embedding: bool = Query(False, description="also return each image's pooled pre-head vector")):
     """Classify images sent as multipart field `file` (several allowed: `{"results": [...]}`) or a raw image body."""
-    if state.model.task != "classify":
+    if not state.model.classifies:
         raise ApiError(409, "this server runs the backbone (features) model: use POST /features")
+    if embedding and EMBEDDING not in state.model.output_names:
+        raise ApiError(409, "this model file has no embedding output (export it with rmt-export --task all)")
     started = time.perf_counter()
     async with deadline(state):
         files = await read_images(request, state.settings.max_upload_bytes, state.settings.max_files)
@@ -41,7 +45,8 @@ async def classify(request: Request, state: AcceptingState,
     runner, total_ms = state.model.runner, (time.perf_counter() - started) * 1e3
     responses = [ClassifyResponse(
         model=state.model.name, backend=runner.backend, precision=runner.precision,
-        predictions=top_predictions(result.outputs[state.model.output_names[0]][0], state.model.labels, top_k),
+        predictions=top_predictions(result.outputs["logits"][0], state.model.labels, top_k),
+        embedding=result.outputs[EMBEDDING][0].tolist() if embedding else None,
         timing_ms=TimingMs(decode=decode_ms, queue=result.queue_ms, infer=result.infer_ms, total=total_ms))
         for (_, decode_ms), result in zip(decoded, results)]
     return responses[0] if len(responses) == 1 else ClassifyBatchResponse(results=responses)

@@ -15,6 +15,7 @@ from ..schemas import FeaturesResponse, StageFeature, TimingMs
 from ..security import require_api_key
 from ..state import AcceptingState
 from ..uploads import IMAGE_BODY_OPENAPI, read_images
+from .classify import EMBEDDING
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 NPZ_TYPE = "application/x-npz"
@@ -26,10 +27,11 @@ NPZ_TYPE = "application/x-npz"
                         **error_responses(400, 401, 409, 413, 415, 422, 503, 504)})
 async def features(request: Request, state: AcceptingState, format: Literal["json", "npz"] | None = Query(
                        None, description=f"npz: full arrays (also chosen by Accept: {NPZ_TYPE})")):
-    """Backbone features of one image: name, stride, NCHW shape and pooled vector per stage."""
-    if state.model.task != "features":
-        raise ApiError(409, "this server runs the classification model: use POST /classify "
-                            "(start rmt-serve with --task features for backbone outputs)")
+    """Backbone features of one image: name, stride, NCHW shape and pooled vector per stage, and the
+    classifier's embedding where the model has a head."""
+    if not state.model.strides:
+        raise ApiError(409, "this model file has the classification head only: use POST /classify "
+                            "(export it with rmt-export --task all for both)")
     started = time.perf_counter()
     async with deadline(state):
         files = await read_images(request, state.settings.max_upload_bytes, state.settings.max_files)
@@ -38,16 +40,18 @@ async def features(request: Request, state: AcceptingState, format: Literal["jso
         with reserve(state, 1) as reservation:
             images, decode_ms = await decode(state, files[0])
             [result] = await infer(request, reservation, [images])
-    stages = {name: result.outputs[name] for name in state.model.output_names}
+    stages = {name: result.outputs[name] for name in state.model.strides}
+    embedding = result.outputs.get(EMBEDDING)
     wants_npz = format == "npz" or (format is None and NPZ_TYPE in request.headers.get("accept", ""))
     if wants_npz:
         buffer = io.BytesIO()
-        np.savez(buffer, **stages)
+        np.savez(buffer, **stages, **({} if embedding is None else {EMBEDDING: embedding}))
         return Response(buffer.getvalue(), media_type=NPZ_TYPE)
     runner = state.model.runner
     return FeaturesResponse(
         model=state.model.name, backend=runner.backend, precision=runner.precision,
         features=[StageFeature(name=name, stride=state.model.strides[name], shape=list(arr.shape),
                                pooled=arr[0].mean(axis=(1, 2)).tolist()) for name, arr in stages.items()],
+        embedding=None if embedding is None else embedding[0].tolist(),
         timing_ms=TimingMs(decode=decode_ms, queue=result.queue_ms, infer=result.infer_ms,
                            total=(time.perf_counter() - started) * 1e3))

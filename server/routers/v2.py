@@ -9,23 +9,18 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import ValidationError
 
-from rmt_deploy import __version__
-from rmt_deploy.runners import INPUT_NAME, get_backend
-
+from .. import kserve_v2
 from ..errors import ApiError, error_responses
 from ..model_host import ServedModel
 from ..pipeline import deadline, infer, off_loop, reserve
-from ..schemas import (InferInputTensor, InferOutputTensor, InferRequest, InferResponse, ModelMetadata,
-                       ServerMetadata, TensorMetadata)
+from ..schemas import InferInputTensor, InferOutputTensor, InferRequest, InferResponse, ModelMetadata, ServerMetadata
 from ..security import require_api_key
 from ..state import AcceptingState, ServerState, ServerStateDep
 from ..uploads import read_body
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 HEADER_LENGTH = "Inference-Header-Content-Length"
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 JSON_SLICE = 65536
-_DATATYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}    # numpy dtype -> KServe v2 datatype
 
 
 def _inlined_schema(model) -> dict:
@@ -49,17 +44,13 @@ INFER_BODY_OPENAPI = {"requestBody": {"required": True, "content": {
 
 def _model(state: ServerState, request: Request) -> ServerState:
     """404 unless the path names this server's model (and its only version, "1")."""
-    model_name, version = request.path_params["model_name"], request.path_params.get("model_version")
-    if model_name != state.model.name:
-        raise ApiError(404, f"unknown model {model_name!r}; this server serves {state.model.name!r}")
-    if version not in (None, "1"):
-        raise ApiError(404, f"model {model_name!r} has no version {version!r}; its only version is '1'")
+    kserve_v2.check_model(state.model, request.path_params["model_name"], request.path_params.get("model_version"))
     return state
 
 
 @router.get("", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="rmt-deploy", version=__version__, extensions=["binary_tensor_data"])
+    return kserve_v2.server_metadata(["binary_tensor_data"])
 
 
 @router.get("/health/live", response_class=PlainTextResponse, responses={200: {"description": "alive"}})
@@ -79,24 +70,7 @@ async def ready(request: Request) -> PlainTextResponse:
 @router.get("/models/{model_name}/versions/{model_version}", response_model=ModelMetadata,
             responses=error_responses(404, 503), include_in_schema=False)
 async def model_metadata(model_name: str, request: Request, state: ServerStateDep) -> ModelMetadata:
-    served = _model(state, request).model
-    size = served.image_size
-    dtypes = served.artifact.output_dtypes if served.artifact else ("float32",) * len(served.output_names)
-    outputs = [TensorMetadata(name=n, datatype=_DATATYPES[dtype],
-                              shape=[-1, c] if served.task == "classify" else [-1, c, -1, -1])
-               for n, c, dtype in zip(served.output_names, served.output_channels, dtypes)]
-    return ModelMetadata(name=served.name, versions=["1"], platform=get_backend(served.runner.backend).platform,
-                         inputs=[TensorMetadata(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, size, size])],
-                         outputs=outputs, parameters=_parameters(served.runner))
-
-
-def _parameters(runner) -> dict[str, str]:
-    """The precision the runner computes in, its backend, and the quantizer / calibration of an int8 file."""
-    extra = runner.metadata().extra
-    found = {"precision": runner.precision, "backend": runner.backend}
-    found.update({key.removeprefix("rmt."): str(extra[key]) for key in ("rmt.quantizer", "rmt.calibration",
-                                                                         "inference_precision") if key in extra})
-    return found
+    return kserve_v2.model_metadata(_model(state, request).model)
 
 
 @router.get("/models/{model_name}/ready", responses={200: {"description": "ready", "content": {
@@ -125,18 +99,6 @@ def _parse_request(body: bytes, header_length: str | None) -> tuple[InferRequest
                             f"at {'.'.join(map(str, exc.errors()[0]['loc'])) or 'body'}") from exc
 
 
-def _finite_float32(values: np.ndarray, name: str) -> np.ndarray:
-    """400 naming the tensor unless every value is a finite float32 (NaN, infinities and numbers
-    beyond float32's range would only come back as NaN outputs)."""
-    if values.dtype.kind not in "iuf":
-        raise ApiError(400, f"input {name!r} data holds values that are not numbers (null, strings, booleans, "
-                            "or integers beyond 64 bits)")
-    if values.dtype.kind == "f" and not (np.isfinite(values).all() and np.abs(values).max(initial=0) <= FLOAT32_MAX):
-        raise ApiError(400, f"input {name!r} holds values that are not finite float32 numbers (NaN, Infinity, "
-                            f"or beyond +-{FLOAT32_MAX:.4g})")
-    return values.astype(np.float32, copy=False)
-
-
 def _tensor_data(tensor: InferInputTensor, binary: bytes, count: int) -> np.ndarray:
     """The tensor's values, flat: from the binary part or from JSON ``data``."""
     binary_size = (tensor.parameters or {}).get("binary_data_size")
@@ -144,7 +106,7 @@ def _tensor_data(tensor: InferInputTensor, binary: bytes, count: int) -> np.ndar
         if type(binary_size) is not int or binary_size != count * 4 or len(binary) < binary_size:
             raise ApiError(400, f"binary data of input {tensor.name!r}: {binary_size} bytes declared, {len(binary)} "
                                 f"sent, shape {tensor.shape} FP32 needs {count * 4}")
-        values = np.frombuffer(binary[:binary_size], dtype="<f4")
+        values = kserve_v2.raw_values(binary[:binary_size], tensor.name, count)
     elif tensor.data is None:
         raise ApiError(400, f"input {tensor.name!r} has neither 'data' nor binary_data_size")
     else:
@@ -152,35 +114,22 @@ def _tensor_data(tensor: InferInputTensor, binary: bytes, count: int) -> np.ndar
             values = np.asarray(tensor.data).ravel()
         except (ValueError, OverflowError) as exc:
             raise ApiError(400, f"input {tensor.name!r} data is not a (nested) list of numbers: {exc}") from exc
-    if values.size != count:
-        raise ApiError(400, f"input {tensor.name!r} has {values.size} values; shape {tensor.shape} needs {count}")
-    return _finite_float32(values, tensor.name)
+    return kserve_v2.finite_float32(values, tensor.name, count)
 
 
 def _input_array(request: InferRequest, binary: bytes, size: int, max_batch: int) -> np.ndarray:
-    if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
-        raise ApiError(400, f"expected exactly one input named {INPUT_NAME!r}, got {[t.name for t in request.inputs]}")
-    tensor = request.inputs[0]
-    if tensor.datatype != "FP32":
-        raise ApiError(400, f"input {INPUT_NAME!r} has datatype {tensor.datatype}; the model expects FP32")
-    shape = tensor.shape
-    if len(shape) != 4 or shape[1:] != [3, size, size] or not 1 <= shape[0] <= max_batch:
-        raise ApiError(400, f"input {INPUT_NAME!r} has shape {shape}; the model expects [N, 3, {size}, {size}] "
-                            f"with 1 <= N <= {max_batch}")
-    return _tensor_data(tensor, binary, int(np.prod(shape))).reshape(shape).copy()   # writable for torch
+    tensor = request.inputs[0] if request.inputs else None
+    count = kserve_v2.check_input([t.name for t in request.inputs], tensor.datatype if tensor else "",
+                                  tensor.shape if tensor else [], size, max_batch)
+    return _tensor_data(tensor, binary, count).reshape(tensor.shape).copy()   # writable for torch
 
 
 def _wants_binary(request: InferRequest, output_names: list[str]) -> dict[str, bool]:
     """Output name -> send as binary, following Triton: per-output flag, else the request-wide default;
     no outputs named: all of them."""
     default = bool((request.parameters or {}).get("binary_data_output", False))
-    if not request.outputs:
-        return {name: default for name in output_names}
-    wanted = {o.name: bool((o.parameters or {}).get("binary_data", default)) for o in request.outputs}
-    unknown = set(wanted) - set(output_names)
-    if unknown:
-        raise ApiError(400, f"unknown outputs {sorted(unknown)}; the model has {output_names}")
-    return wanted
+    flags = {o.name: bool((o.parameters or {}).get("binary_data", default)) for o in request.outputs or []}
+    return {name: flags.get(name, default) for name in kserve_v2.requested_outputs(list(flags), output_names)}
 
 
 def _read_request(body: bytes, header_length: str | None, served: ServedModel,
@@ -202,10 +151,7 @@ def _render(response: InferResponse, outputs: dict[str, np.ndarray], binary_outp
     """The v2 response; 422 for an output that is not finite (absurd inputs such as 3e38 overflow)."""
     tensors, blobs, json_data = [], [], []
     for name, as_binary in binary_outputs.items():
-        array = np.ascontiguousarray(outputs[name], dtype="<f4")
-        if not np.isfinite(array).all():
-            raise ApiError(422, f"output {name!r} is not finite (NaN or infinity): the input values are outside "
-                                "the range the model computes in")
+        array = kserve_v2.finite_output(outputs, name)
         parameters = {"binary_data_size": array.nbytes} if as_binary else None
         tensors.append(InferOutputTensor(name=name, shape=list(array.shape), datatype="FP32", parameters=parameters))
         (blobs if as_binary else json_data).append(array.tobytes() if as_binary else _json_floats(array))
@@ -235,5 +181,5 @@ async def model_infer(model_name: str, request: Request, state: AcceptingState) 
         del body
         with reserve(state, len(images)) as reservation:
             [result] = await infer(request, reservation, [images])
-    response = InferResponse(model_name=served.name, model_version="1", id=infer_request.id, outputs=[])
+    response = InferResponse(model_name=served.name, model_version=kserve_v2.MODEL_VERSION, id=infer_request.id, outputs=[])
     return await off_loop(state, _render, response, result.outputs, binary_outputs)
