@@ -1,6 +1,6 @@
 """The TensorRT runtime's environment: probing (is TensorRT importable, is CUDA usable), the engine's
 JSON sidecar and the check that an engine was built by this TensorRT for this GPU, and the logger.
-The runner and the engine builder (`rmt_deploy.exporters.tensorrt_build`) both use it; nothing here
+The runner and the engine builder (rmt-export's tensorrt_build module) both use it; nothing here
 imports TensorRT until asked.
 """
 from __future__ import annotations
