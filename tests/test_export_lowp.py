@@ -101,3 +101,28 @@ def test_unsupported_combinations_are_refused_before_export(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=reason.replace("/", ".")):
         _export(tmp_path / "out", *extra)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_accuracy_gate_reports_an_int8_engine_it_cannot_run(tmp_path):
+    """Engine entries carry no backend (every engine backend runs them): the gate opens them on the
+    engine backend and, where that cannot run, fails with its reason instead of raising."""
+    from rmt_deploy.artifact import ArtifactDescription
+    from rmt_deploy.exporters.export import Manifest, accuracy_gate, gate_backend
+    from shapes10 import fixture_model
+    engine = get_backend(gate_backend("engine"))
+    if engine.unavailable_reason("cuda:0", "int8") is None:
+        pytest.skip("TensorRT runs here: tests/test_tensorrt_int8.py gates a real INT8 engine")
+    val = tmp_path / "val"
+    for folder in sorted(VAL.iterdir())[:2]:
+        (val / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:2]:
+            (val / folder.name / image.name).write_bytes(image.read_bytes())
+    (tmp_path / "m_int8.engine").write_bytes(b"")      # never read: TensorRT is refused before it loads one
+    model = fixture_model()
+    manifest = Manifest(model.config.name, "classify", None, {}, {}, {}, 17, {}, ArtifactDescription.from_model(model),
+                        tmp_path, [{"kind": "engine", "precision": "int8", "path": "m_int8.engine"}])
+    notes = []
+    assert not accuracy_gate(model, manifest, val, SIZE, max_drop=1.0, report=notes.append)
+    art = manifest.artifacts[0]
+    assert art["accuracy"]["passed"] is False and art["accuracy"]["error"] in notes[0]
+    assert f"{gate_backend('engine')} int8 m_int8.engine" in notes[0]
