@@ -54,8 +54,11 @@ class ArtifactCache:
         if kind == "engine":        # the builder records the GPU in the sidecar: key by it too
             from rmt_deploy.runners.tensorrt_env import current_gpu
             stem += "-" + current_gpu(plan.device)["gpu_name"].replace(" ", "_")
-        plan = replace(plan, kinds=("onnx", kind) if kind == "engine" else ("onnx",), opset=opset,
-                       output_dir=self.root, stem=stem)
+        if kind == "engine":        # an int8 engine needs one QDQ file, not every ONNX backend's int8 file
+            plan = replace(plan, kinds=("onnx", kind), backends=(self._export.gate_backend("onnx"),))
+        else:
+            plan = replace(plan, kinds=("onnx",))
+        plan = replace(plan, opset=opset, output_dir=self.root, stem=stem)
         return self._export.export_artifacts(model, plan, reuse=True)
 
     def onnx(self, model, plan: ExportPlan) -> Path:

@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.accuracy_data:      # also after a parity failure: both verdicts are reported
         from .export import accuracy_gate
         passed = accuracy_gate(model, manifest, args.accuracy_data, plan.height, max_drop=args.max_accuracy_drop,
-                               threads=args.threads, batch=plan.batch.opt, step=_step, report=console.print) and passed
+                               device=plan.device, threads=args.threads, batch=plan.batch.opt, step=_step,
+                               report=console.print) and passed
     manifest.write()
     if args.triton_repo:
         from .triton import write_triton_repo

@@ -219,59 +219,83 @@ def parity_gate(model, manifest: Manifest, batches: list, *, rtol: float | None 
     ``device``: where artifacts that do not run on the CPU (engines) run; None: their backend's default."""
     passed, label = True, f"{reference_backend()}-fp32"
     reference = get_backend(reference_backend()).open(model=model, threads=threads).load()
-    for art in manifest.artifacts:
-        path = manifest.output_dir / art["path"]
-        backend = get_backend(art.get("backend") or gate_backend(art["kind"]))
-        try:
-            runner = backend.open(artifact=path, threads=threads, precision=art["precision"],
-                                  device=None if backend.supports("cpu") else device).load()
-        except RunnerUnavailable as exc:
-            report(f"[red]parity of {path.name} cannot run: {exc}")
-            art["parity"] = {"reference": label, "passed": False, "error": str(exc)}
-            passed = False
-            continue
-        with step(f"Parity of {runner.name} {path.name} against eager fp32"):
-            result = check_parity(reference, runner, batches,
-                                  Tolerance.for_precision(art["precision"], rtol=rtol, atol=atol))
-        runner.close()
-        art["parity"] = {**result.summary(), "reference": label}
-        if not result.passed:
-            passed = False
-            report(f"[red]{result.text()}")
-    reference.close()
+    try:
+        for art in manifest.artifacts:
+            passed = _parity_of(reference, label, art, manifest, batches, rtol, atol, device, threads, step,
+                                report) and passed
+    finally:
+        reference.close()
     return passed
 
 
+def _open_artifact(art: dict, manifest: Manifest, device: str | None, threads: int | None):
+    """The loaded runner of a manifest entry on its backend (engines on ``device``)."""
+    backend = get_backend(art.get("backend") or gate_backend(art["kind"]))
+    return backend.open(artifact=manifest.output_dir / art["path"], threads=threads, precision=art["precision"],
+                        device=None if backend.supports("cpu") else device).load()
+
+
+def _parity_of(reference, label: str, art: dict, manifest: Manifest, batches: list, rtol, atol, device, threads,
+               step, report) -> bool:
+    path = manifest.output_dir / art["path"]
+    try:
+        runner = _open_artifact(art, manifest, device, threads)
+    except RunnerUnavailable as exc:
+        report(f"[red]parity of {path.name} cannot run: {exc}")
+        art["parity"] = {"reference": label, "passed": False, "error": str(exc)}
+        return False
+    try:
+        with step(f"Parity of {runner.name} {path.name} against eager fp32"):
+            result = check_parity(reference, runner, batches,
+                                  Tolerance.for_precision(art["precision"], rtol=rtol, atol=atol))
+    finally:
+        runner.close()
+    art["parity"] = {**result.summary(), "reference": label}
+    if not result.passed:
+        report(f"[red]{result.text()}")
+    return result.passed
+
+
 def accuracy_gate(model, manifest: Manifest, labelled_folder: Path, image_size: int, *, max_drop: float,
-                  threads: int | None = None, batch: int = 8, step=_no_step, report=lambda text: None) -> bool:
+                  device: str | None = None, threads: int | None = None, batch: int = 8, step=_no_step,
+                  report=lambda text: None) -> bool:
     """Top-1 of every bf16 / int8 artifact and of the eager fp32 model on ``labelled_folder`` (an
-    ImageFolder); an artifact that loses more than ``max_drop`` points fails. Each entry's
-    ``accuracy`` gets the figures. True when all passed."""
+    ImageFolder); an artifact that loses more than ``max_drop`` points (or cannot run) fails. Each
+    entry's ``accuracy`` gets the figures. ``device``: where engines run, as in `parity_gate`."""
     from rmt_deploy.accuracy import evaluate_top1, labelled_arrays
     low = [art for art in manifest.artifacts if art["precision"] in LOW_PRECISIONS]
     if not low:
         return True
-    size = image_size
-    labelled = labelled_arrays(labelled_folder, size)
+    labelled = labelled_arrays(labelled_folder, image_size)
     reference = get_backend(reference_backend()).open(model=model, threads=threads).load()
-    with step(f"Top-1 of eager fp32 on {labelled_folder}"):
-        expected = evaluate_top1(reference, labelled, size, batch)
-    reference.close()
+    try:
+        with step(f"Top-1 of eager fp32 on {labelled_folder}"):
+            expected = evaluate_top1(reference, labelled, image_size, batch)
+    finally:
+        reference.close()
     passed = True
     for art in low:
-        runner = get_backend(art["backend"]).open(artifact=manifest.output_dir / art["path"], threads=threads,
-                                                  precision=art["precision"]).load()
-        with step(f"Top-1 of {runner.name} on {labelled_folder}"):
-            got = evaluate_top1(runner, labelled, size, batch)
-        runner.close()
+        name = f"{art.get('backend') or gate_backend(art['kind'])} {art['precision']} {art['path']}"
+        try:
+            runner = _open_artifact(art, manifest, device, threads)
+        except RunnerUnavailable as exc:
+            report(f"[red]accuracy of {name} cannot run: {exc}")
+            art["accuracy"] = {"passed": False, "error": str(exc)}
+            passed = False
+            continue
+        try:
+            with step(f"Top-1 of {runner.name} on {labelled_folder}"):
+                got = evaluate_top1(runner, labelled, image_size, batch)
+        finally:
+            runner.close()
         drop = expected.points - got.points
         art["accuracy"] = {"top1": got.top1, "reference_top1": expected.top1, "images": got.images,
                            "drop_points": drop, "max_drop_points": max_drop, "passed": drop <= max_drop}
         if drop > max_drop:
             passed = False
-            report(f"[red]accuracy gate FAILED: {art['backend']} {art['precision']} {art['path']} top-1 "
-                   f"{got.points:.2f} % vs {expected.points:.2f} % for eager fp32 on {got.images} images of "
-                   f"{labelled_folder}: drop {drop:.2f} points > {max_drop:.2f} allowed (--max-accuracy-drop)")
+            report(f"[red]accuracy gate FAILED: {name} top-1 {got.points:.2f} % vs {expected.points:.2f} % for "
+                   f"eager fp32 on {got.images} images of {labelled_folder}: drop {drop:.2f} points > "
+                   f"{max_drop:.2f} allowed (--max-accuracy-drop)")
     return passed
 
 

@@ -9,7 +9,6 @@ from rmt_deploy.runners import get_backend
 from .export import gate_backend
 
 _FILENAMES = {"onnx": "model.onnx", "engine": "model.plan"}     # Triton's default model file per artifact kind
-_GPU_ONLY_PLATFORM = "tensorrt_plan"
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 
 
@@ -36,7 +35,8 @@ def config_pbtxt(name: str, platform: str, inputs: list[dict], outputs: list[dic
         preferred = ", ".join(str(b) for b in preferred_batch if b <= max_batch)
         text += (f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
                  f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n")
-    kind = "KIND_GPU" if platform == _GPU_ONLY_PLATFORM else "KIND_AUTO"
+    engine_platform = get_backend(gate_backend("engine")).platform      # engines run on the GPU only
+    kind = "KIND_GPU" if platform == engine_platform else "KIND_AUTO"
     return text + f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]\n"
 
 

@@ -1,15 +1,16 @@
-"""Low precision: which (backend, precision, CPU) combinations run, calibration images, and INT8
-post-training quantization of an exported float32 graph with the libraries that own it
-(ONNX Runtime's static QDQ quantizer, NNCF for OpenVINO).
+"""Low precision: calibration images and INT8 post-training quantization of an exported float32
+graph with the libraries that own it (ONNX Runtime's static QDQ quantizer, NNCF for OpenVINO).
 
-Everything takes a float32 artifact path and writes a new file: exporting is the tools' job. A
-combination that cannot run here is refused (`require_precision`) before anything is exported or
-calibrated, and INT8 is never calibrated on anything but real image files.
+Everything takes a float32 artifact path and writes a new file: exporting is the tools' job. Which
+(backend, precision, CPU) combinations run is the registry's `Backend.unavailable_reason`, asked
+before anything is exported or calibrated; INT8 is never calibrated on anything but real image files.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,10 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .preprocess import image_files, load_images
-from .runners.base import INPUT_NAME, RunnerUnavailable
+from .runners.base import INPUT_NAME
 
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 CALIBRATION_SUFFIXES = {".jpg", ".jpeg", ".png"}
 MIN_CALIBRATION_IMAGES = 32        # fewer real images give activation ranges of a handful of pictures
 MAX_CALIBRATION_IMAGES = 300       # NNCF's default subset size; more only costs time
@@ -32,17 +32,6 @@ OPENVINO_FLOAT_OPS = ("ScaledDotProductAttention", "Softmax", "MVN")
 
 class CalibrationError(ValueError):
     """The calibration folder cannot give a meaningful INT8 calibration; the message says why."""
-
-
-class PrecisionUnavailable(RunnerUnavailable):
-    """This (backend, precision, device) combination does not run here; the message says why."""
-
-
-def require_precision(backend: str, precision: str, device: str = "cpu") -> None:
-    """Raise `PrecisionUnavailable` with the registry's reason, before anything is exported."""
-    from .runners.registry import get_backend
-    if reason := get_backend(backend).unavailable_reason(device, precision):
-        raise PrecisionUnavailable(reason)
 
 
 def calibration_images(folder: str | Path, image_size: int, *, min_images: int = MIN_CALIBRATION_IMAGES,
@@ -114,29 +103,42 @@ def quantize_onnxruntime(fp32_onnx: str | Path, out_path: str | Path, images: np
     out_path.parent.mkdir(parents=True, exist_ok=True)
     proto = onnx.load(os.fspath(fp32_onnx))
     batch = _onnx_batch(proto) or 8
-    prepared = out_path.with_suffix(".prep.onnx")
-    # shape inference and ORT's graph fusions first, as ONNX Runtime's docs advise for static quantization
-    quant_pre_process(os.fspath(fp32_onnx), os.fspath(prepared), skip_symbolic_shape=True)
-    prepared_proto = onnx.load(os.fspath(prepared))
-    present = {n.op_type for n in prepared_proto.graph.node}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_static(prepared, out_path, _BatchReader(calibration_batches(images, batch)),
-                        quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        op_types_to_quantize=[t for t in ORT_QUANTIZED_OPS if t in present],
-                        nodes_to_exclude=_float_matmuls(prepared_proto),
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
-    prepared.unlink(missing_ok=True)
-    quantized = onnx.load(os.fspath(out_path))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    meta.update({"rmt.precision": "int8", "rmt.quantizer": "onnxruntime.quantization QDQ (static, MinMax)",
-                 "rmt.calibration": f"{len(images)} images {calibration}".strip()})
-    del quantized.metadata_props[:]
-    for key, value in meta.items():
-        quantized.metadata_props.add(key=key, value=value)
-    onnx.save(quantized, os.fspath(out_path))
+    # temporary names in the same folder, renamed into place at the end: a killed run leaves no file
+    # under the final name for a later run to reuse
+    partial = out_path.with_name(f".{out_path.stem}.{os.getpid()}.partial.onnx")
+    prepared = partial.with_suffix(".prep.onnx")
+    try:
+        # shape inference and ORT's graph fusions first, as ONNX Runtime's docs advise for static quantization
+        quant_pre_process(os.fspath(fp32_onnx), os.fspath(prepared), skip_symbolic_shape=True)
+        prepared_proto = onnx.load(os.fspath(prepared))
+        present = {n.op_type for n in prepared_proto.graph.node}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(prepared, partial, _BatchReader(calibration_batches(images, batch)),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            op_types_to_quantize=[t for t in ORT_QUANTIZED_OPS if t in present],
+                            nodes_to_exclude=_float_matmuls(prepared_proto),
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        quantized = onnx.load(os.fspath(partial))
+        meta = {p.key: p.value for p in proto.metadata_props}
+        meta.update({"rmt.precision": "int8", "rmt.quantizer": "onnxruntime.quantization QDQ (static, MinMax)",
+                     "rmt.calibration": _calibration_note(images, calibration)})
+        del quantized.metadata_props[:]
+        for key, value in meta.items():
+            quantized.metadata_props.add(key=key, value=value)
+        onnx.save(quantized, os.fspath(partial))
+        os.replace(partial, out_path)
+    finally:
+        prepared.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
     return out_path
+
+
+def _calibration_note(images: np.ndarray, calibration: str) -> str:
+    """What the artifact records about its calibration: the image count and ``calibration``'s last
+    part (a `calibration_tag`: folder name and digest), never a path of this machine (served publicly)."""
+    return f"{len(images)} images {Path(calibration).name if calibration else ''}".strip()
 
 
 def _openvino_ignored_scope(model):
@@ -176,12 +178,20 @@ def quantize_openvino(fp32_onnx: str | Path, out_xml: str | Path, images: np.nda
             max_drop=max_drop, advanced_quantization_parameters=advanced, **options)
     for key, value in {"rmt.precision": "int8", "rmt.quantizer": f"nncf {nncf.__version__} "
                        f"{'quantize_with_accuracy_control' if validation else 'quantize'} (transformer, mixed, no SmoothQuant)",
-                       "rmt.calibration": f"{len(images)} images {calibration}".strip(),
+                       "rmt.calibration": _calibration_note(images, calibration),
                        "rmt.graph_rewrites": "applied by the runner at load"}.items():
         quantized.set_rt_info(value, ["framework", key])
     out_xml = Path(out_xml)
     out_xml.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(quantized, os.fspath(out_xml), compress_to_fp16=False)
+    # written into a temporary folder beside it, then the .bin and last the .xml (what reuse looks for)
+    # renamed into place: a killed run leaves no .xml that a later run would keep
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_xml.stem}.", dir=out_xml.parent))
+    try:
+        ov.save_model(quantized, os.fspath(staging / out_xml.name), compress_to_fp16=False)
+        os.replace(staging / out_xml.with_suffix(".bin").name, out_xml.with_suffix(".bin"))
+        os.replace(staging / out_xml.name, out_xml)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_xml
 
 

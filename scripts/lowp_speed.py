@@ -36,9 +36,9 @@ def artifacts(args) -> dict[str, Path]:
     images = q.calibration_images(args.calib, args.image_size)
     paths = {"fp32": fp32, "ort_int8": Path(f"{stem}-int8.onnx"), "ov_int8": Path(f"{stem}-int8.xml")}
     if not paths["ort_int8"].is_file():
-        q.quantize_onnxruntime(fp32, paths["ort_int8"], images, calibration=str(args.calib))
+        q.quantize_onnxruntime(fp32, paths["ort_int8"], images, calibration=q.calibration_tag(args.calib))
     if not paths["ov_int8"].is_file():
-        q.quantize_openvino(fp32, paths["ov_int8"], images, calibration=str(args.calib))
+        q.quantize_openvino(fp32, paths["ov_int8"], images, calibration=q.calibration_tag(args.calib))
     return paths
 
 

@@ -2,11 +2,15 @@
 reason without --calib, measured with it, and every row is held against its own precision's peak."""
 from __future__ import annotations
 
+import pytest
+
 from rmt_deploy.benchmarks.artifacts import ArtifactCache
 from rmt_deploy.benchmarks.bench import Settings, run_benchmark
+from rmt_deploy.runners import get_backend
 from shapes10 import CALIB, CHECKPOINT, CONFIG, SIZE, needs_fixture
 
-pytestmark = needs_fixture
+_INT8_REASON = get_backend("onnxruntime").unavailable_reason("cpu", "int8")
+pytestmark = [needs_fixture, pytest.mark.skipif(_INT8_REASON is not None, reason=str(_INT8_REASON))]
 
 
 def _bench(tmp_path, calib):

@@ -16,6 +16,16 @@ from shapes10 import CALIB, CHECKPOINT, CONFIG, SIZE, VAL, needs_fixture
 pytestmark = needs_fixture
 
 
+def _runs_here(backend: str, precision: str):
+    """Skip unless this CPU runs ``precision`` on ``backend``, with the registry's reason."""
+    reason = get_backend(backend).unavailable_reason("cpu", precision)
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
+_LOW_HERE = [(name, p) for name in ("onnxruntime", "openvino") for p in ("bf16", "int8")
+             if not get_backend(name).unavailable_reason("cpu", p)]
+
+
 def _export(out, *extra) -> int:
     return main(["--model", str(CONFIG), "--checkpoint", str(CHECKPOINT), "--image-size", str(SIZE),
                  "--batch-size", "8", "--output", str(out), "--images", str(CALIB), *extra])
@@ -28,13 +38,13 @@ def lowp_export(tmp_path_factory):
     return code, json.loads((out / MANIFEST_NAME).read_text()), out
 
 
+@pytest.mark.skipif(not _LOW_HERE, reason="; ".join(
+    str(get_backend(name).unavailable_reason("cpu", p)) for name in ("onnxruntime", "openvino") for p in ("bf16", "int8")))
 def test_bf16_and_int8_artifacts_pass_the_gates(lowp_export):
     code, manifest, _ = lowp_export
     low = [a for a in manifest["artifacts"] if a["precision"] in ("bf16", "int8")]
     runs = {(a["backend"], a["precision"]) for a in low}
-    expected = {(name, p) for name in ("onnxruntime", "openvino") for p in ("bf16", "int8")
-                if not get_backend(name).unavailable_reason("cpu", p)}
-    assert code == 0 and runs == expected and expected
+    assert code == 0 and runs == set(_LOW_HERE)
     for art in low:
         assert art["parity"]["passed"], art
         assert art["accuracy"]["passed"] and art["accuracy"]["drop_points"] <= 1.0, art
@@ -45,6 +55,7 @@ def test_bf16_and_int8_artifacts_pass_the_gates(lowp_export):
                for a in low if a["precision"] == "bf16")
 
 
+@_runs_here("onnxruntime", "int8")
 def test_the_triton_repository_takes_the_int8_files(lowp_export, tmp_path):
     from rmt_deploy.exporters.triton import write_triton_repo
     _, manifest, out = lowp_export
@@ -62,6 +73,7 @@ def test_the_triton_repository_takes_the_int8_files(lowp_export, tmp_path):
         a["precision"] == "bf16" for a in manifest["artifacts"])
 
 
+@_runs_here("onnxruntime", "int8")
 def test_a_constant_calibration_fails_the_accuracy_gate(tmp_path, capsys):
     calib = tmp_path / "constant"
     calib.mkdir()
@@ -89,3 +101,28 @@ def test_unsupported_combinations_are_refused_before_export(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match=reason.replace("/", ".")):
         _export(tmp_path / "out", *extra)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_accuracy_gate_reports_an_int8_engine_it_cannot_run(tmp_path):
+    """Engine entries carry no backend (every engine backend runs them): the gate opens them on the
+    engine backend and, where that cannot run, fails with its reason instead of raising."""
+    from rmt_deploy.artifact import ArtifactDescription
+    from rmt_deploy.exporters.export import Manifest, accuracy_gate, gate_backend
+    from shapes10 import fixture_model
+    engine = get_backend(gate_backend("engine"))
+    if engine.unavailable_reason("cuda:0", "int8") is None:
+        pytest.skip("TensorRT runs here: tests/test_tensorrt_int8.py gates a real INT8 engine")
+    val = tmp_path / "val"
+    for folder in sorted(VAL.iterdir())[:2]:
+        (val / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:2]:
+            (val / folder.name / image.name).write_bytes(image.read_bytes())
+    (tmp_path / "m_int8.engine").write_bytes(b"")      # never read: TensorRT is refused before it loads one
+    model = fixture_model()
+    manifest = Manifest(model.config.name, "classify", None, {}, {}, {}, 17, {}, ArtifactDescription.from_model(model),
+                        tmp_path, [{"kind": "engine", "precision": "int8", "path": "m_int8.engine"}])
+    notes = []
+    assert not accuracy_gate(model, manifest, val, SIZE, max_drop=1.0, report=notes.append)
+    art = manifest.artifacts[0]
+    assert art["accuracy"]["passed"] is False and art["accuracy"]["error"] in notes[0]
+    assert f"{gate_backend('engine')} int8 m_int8.engine" in notes[0]

@@ -15,11 +15,6 @@ def open_runner(backend: str, *, model=None, onnx=None, engine=None, device: str
                                      precision=precision, threads=threads, **options)
 
 
-def unavailable_reason(backend: str, device: str, precision: str = "fp32") -> str | None:
-    """Why ``backend`` cannot run ``precision`` on ``device`` here, or None (before any export or build)."""
-    return get_backend(backend).unavailable_reason(device, precision)
-
-
 __all__ = ["ARTIFACT_FORMATS", "Backend", "backend_packages", "INPUT_NAME", "Runner", "RunnerMetadata", "RunnerUnavailable", "TensorSpec", "Timing",
            "backend_names", "backends_for", "device_kind", "get_backend", "infer_padded", "open_runner",
-           "precision_names", "precision_table", "reference_backend", "unavailable_reason"]
+           "precision_names", "precision_table", "reference_backend"]

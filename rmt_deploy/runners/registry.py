@@ -120,10 +120,11 @@ class Backend:
             raise RunnerUnavailable(f"{self.name} int8 needs --calib DIR (real images; never calibrated on noise)")
         from ..quantize import calibration_images, calibration_tag
         stem = fp32_onnx.stem.removesuffix("_fp32")
-        out = fp32_onnx.with_name(f"{stem}_int8_{calibration_tag(calib)}{self.int8_suffix}")
-        if reuse and out.is_file():
+        tag = calibration_tag(calib)       # recorded in the file instead of the path (model metadata is public)
+        out = fp32_onnx.with_name(f"{stem}_int8_{tag}{self.int8_suffix}")
+        if reuse and out.is_file():     # the quantizers rename a finished file into place: never a partial one
             return out
-        return self.quantizer(fp32_onnx, out, calibration_images(calib, image_size), calibration=str(calib))
+        return self.quantizer(fp32_onnx, out, calibration_images(calib, image_size), calibration=tag)
 
     def open(self, *, model=None, artifact: str | os.PathLike | None = None, device: str | None = None,
              precision: str | None = None, threads: int | None = None, **options) -> Runner:
