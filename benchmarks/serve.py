@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                                                               "send proportionally fewer (at least 50)")
     p.add_argument("--level-time-limit-s", type=float, default=600.0, help="stop a level after this long")
     p.add_argument("--offline-seconds", type=float, default=20.0)
-    p.add_argument("--api-key", help="bearer token when the server has RMT_API_KEY")
+    # the token is RMT_API_KEY, as for the server this starts; the old flag stays as a hidden alias
+    p.add_argument("--api-key", help=argparse.SUPPRESS)
     p.add_argument("--json", help="write the results here")
     return p
 
@@ -203,7 +204,8 @@ def measure(args, settings, images: list[bytes], levels: list[int]) -> dict:
             port = sock.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         process = subprocess.Popen(server_command(settings, port))
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    api_key = args.api_key or (settings.api_key and settings.api_key.get_secret_value())
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         wait_ready(url, process)
         asyncio.run(run_level(url, images, max(levels), 4 * max(levels), 120, headers))   # warm-up, not counted

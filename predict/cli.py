@@ -7,7 +7,7 @@ import signal
 import sys
 
 from rmt_deploy.cli_args import (add_backend_arg, add_batch_size_arg, add_device_args, add_image_size_arg,
-                                 add_model_args, add_precision_arg, at_least)
+                                 add_model_args, add_precision_arg, add_ray_address, at_least, ray_address)
 
 from .predictor import PredictOptions
 
@@ -37,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue into --output, skipping paths already written")
     p.add_argument("--rows-per-file", type=at_least(1), default=1000, help="rows per Parquet part file")
     ray = p.add_argument_group("Ray Data")
-    ray.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                     help="run on Ray: join ADDRESS (ray://host:10001, host:6379, auto) or start a local cluster")
+    add_ray_address(ray)
     ray.add_argument("--num-actors", type=at_least(1), default=1,
                      help="actors, each holding one runner (of --threads threads)")
     ray.add_argument("--gpus-per-actor", type=at_least(0, float), default=0.0)
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace):
     options = options_from(args)
     if args.ray is not None:
         from .ray_job import run_ray
-        return run_ray(options, args.data, args.output, address=args.ray or None, num_actors=args.num_actors,
+        return run_ray(options, args.data, args.output, address=ray_address(args.ray), num_actors=args.num_actors,
                        gpus_per_actor=args.gpus_per_actor, resume=args.resume,
                        rows_per_file=args.rows_per_file)
     from .local import run_local

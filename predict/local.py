@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,24 +51,23 @@ def run_local(options: PredictOptions, data: str, output: str | Path, *, workers
     """Run every pending image of ``data`` into ``output``; ``progress(done, total)`` after each batch.
     Rows computed before an interruption (SIGTERM arrives as an exception) are written on the way out."""
     sources, listed = pending_sources(data, output, resume)
-    predictor = open_predictor(options)
-    writer = PartWriter(output, output_schema(options, predictor.output_names), rows_per_file)
-    batches = decoded_batches(sources, options.batch_size, predictor.image_size,
-                              default_workers() if workers is None else workers)
-    errors, start, first, last = 0, time.perf_counter(), None, None
-    try:
-        if progress:
-            progress(0, len(sources))
-        for batch in batches:
-            writer.add(rows_table(predictor, batch.paths, batch.errors, batch.images))
-            errors += sum(e is not None for e in batch.errors)
-            last = time.perf_counter()
-            first = first or (len(batch.paths), last)
+    with closing(open_predictor(options)) as predictor:
+        writer = PartWriter(output, output_schema(options, predictor.output_names), rows_per_file)
+        batches = decoded_batches(sources, options.batch_size, predictor.image_size,
+                                  default_workers() if workers is None else workers)
+        errors, start, first, last = 0, time.perf_counter(), None, None
+        try:
             if progress:
-                progress(len(batch.paths), len(sources))
-    finally:
-        writer.flush()
-        batches.close()
-        predictor.close()
+                progress(0, len(sources))
+            for batch in batches:
+                writer.add(rows_table(predictor, batch.paths, batch.errors, batch.images))
+                errors += sum(e is not None for e in batch.errors)
+                last = time.perf_counter()
+                first = first or (len(batch.paths), last)
+                if progress:
+                    progress(len(batch.paths), len(sources))
+        finally:
+            writer.flush()
+            batches.close()
     steady = (writer.rows_written - first[0], last - first[1]) if first else None
     return RunSummary(listed, listed - len(sources), writer.rows_written, errors, time.perf_counter() - start, steady)

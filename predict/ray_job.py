@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rmt_deploy import ray_cluster
+from rmt_deploy.ray_cluster import device_inside_ray
 from rmt_deploy.runners import get_backend
 
 from .decode import decode_one
@@ -42,18 +44,20 @@ def decode_rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray
     return {"path": batch["path"], "image": np.stack(images), "error": np.asarray(errors, dtype=object)}
 
 
+def _absolute(path):
+    return os.path.abspath(path) if path and os.path.exists(path) else path
+
+
 def _for_actors(options: PredictOptions) -> tuple[PredictOptions, int]:
-    """Options every actor can open wherever it runs (files by absolute path, an ONNX file or engine
-    prepared once here), and the runner's input size (a file's own), known before decoding starts."""
-    def absolute(path):
-        return os.path.abspath(path) if path and os.path.exists(path) else path
-    probe = open_predictor(options)
-    backend = get_backend(options.backend)
-    if backend.artifact != "model":
-        options = options.with_file(backend, absolute(str(probe.runner.path)))
-    probe.close()
-    return replace(options, model=absolute(options.model), checkpoint=absolute(options.checkpoint),
-                   cache_dir=os.path.abspath(options.cache_dir)), probe.image_size
+    """Run in a Ray task with an actor's resources, not on the driver (which may lack the device):
+    options every actor can open wherever it runs (an ONNX file or engine prepared once here, by
+    absolute path), and the runner's input size (a file's own), known before decoding starts."""
+    options = replace(options, device=device_inside_ray(options.device))
+    with closing(open_predictor(options)) as probe:
+        backend = get_backend(options.backend)
+        if backend.artifact != "model":
+            options = options.with_file(backend, _absolute(str(probe.runner.path)))
+        return options, probe.image_size
 
 
 class PredictActor:
@@ -78,8 +82,23 @@ def run_ray(options: PredictOptions, data: str, output: str | Path, *, address: 
     if not sources:
         return RunSummary(listed, listed, 0, 0, 0.0)
     cpus_per_actor = options.threads or 1
-    ray_cluster.connect(address, num_actors * cpus_per_actor + 1, component="data")
-    options, size = _for_actors(options)
+    started = ray_cluster.connect(address, num_actors * cpus_per_actor + 1, component="data")
+    try:
+        return _run_on_cluster(ray, options, sources, output, listed, start, num_actors=num_actors,
+                               cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                               rows_per_file=rows_per_file)
+    finally:
+        if started:             # a local cluster this run started
+            ray.shutdown()
+
+
+def _run_on_cluster(ray, options: PredictOptions, sources: list[Source], output, listed: int, start: float, *,
+                    num_actors: int, cpus_per_actor: float, gpus_per_actor: float, rows_per_file: int) -> RunSummary:
+    # files by absolute path: a Ray worker's working directory is not the driver's
+    options = replace(options, model=_absolute(options.model), checkpoint=_absolute(options.checkpoint),
+                      cache_dir=os.path.abspath(options.cache_dir))
+    probe = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)(_for_actors)
+    options, size = ray.get(probe.remote(options))
     dataset = ray.data.from_items(_source_rows(sources))
     # decoding stays in tasks of its own (different resources keep Ray from fusing it into the actors)
     decoded = dataset.map_batches(decode_rows, fn_kwargs={"size": size}, batch_size=options.batch_size,

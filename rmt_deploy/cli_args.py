@@ -135,3 +135,23 @@ def add_batch_size_arg(parser, *, sweep: bool = False, default=1):
 
 __all__ = ["MODEL_HELP", "SHARED_OPTIONS", "add_backend_arg", "add_batch_size_arg", "add_device_args",
            "add_image_size_arg", "add_model_args", "add_precision_arg", "at_least", "comma_list", "one_of"]
+
+
+LOCAL_CLUSTER = "local"     # --ray alone, or --ray local: a cluster started here
+RAY_HELP = ("run on Ray: join ADDRESS (ray://HOST:10001, HOST:6379, auto), or, alone or as '--ray local', "
+            "start a local cluster on 127.0.0.1 without the dashboard")
+
+
+def ray_flag_options() -> dict:
+    """argparse keywords of ``--ray [ADDRESS]``, the same in every tool (rmt-serve's settings class
+    passes them to its own parser)."""
+    return {"nargs": "?", "const": LOCAL_CLUSTER, "metavar": "ADDRESS"}
+
+
+def add_ray_address(parser, help: str = RAY_HELP):  # noqa: A002 -- argparse's own keyword
+    return parser.add_argument("--ray", help=help, **ray_flag_options())
+
+
+def ray_address(value: str) -> str | None:
+    """The cluster address to join for a ``--ray`` value, or None for a local cluster."""
+    return None if value in ("", LOCAL_CLUSTER) else value

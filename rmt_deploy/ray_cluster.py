@@ -36,3 +36,9 @@ def connect(address: str | None, cpus_needed: float, *, component: str, log_to_d
     ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)), include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
     return True
+
+
+def device_inside_ray(device: str) -> str:
+    """The device as a Ray actor or replica names it: Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave
+    that worker, so whatever "cuda:N" the caller chose, the one GPU visible inside is cuda:0."""
+    return "cuda:0" if device.startswith("cuda") else device

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -56,32 +57,56 @@ async def lifespan(app: FastAPI):
     settings: ServeSettings = app.state.settings
     served = app.state.preloaded or await asyncio.to_thread(load_served_model, settings)
     app.state.preloaded = None
-    max_batch_size = served.max_batch_size(settings.max_batch_size)
-    if max_batch_size != settings.max_batch_size:
-        log.info("the model file has a static batch of %d: batches of up to %d images, smaller ones padded "
-                 "(--max-batch-size %d does not apply)", max_batch_size, max_batch_size, settings.max_batch_size)
-    if settings.warmup:
-        await asyncio.to_thread(served.warmup, max_batch_size)
-    batcher = DynamicBatcher(served.instances(), app.state.metrics, max_batch_size=max_batch_size,
-                             max_delay_ms=settings.max_delay_ms, max_queue_size=settings.max_queue_size)
-    batcher.start()
-    decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="rmt-decode")
-    state = ServerState(settings, app.state.metrics, served, batcher, decode_pool, ready=True)
-    app.state.server = state
-    grpc_server = None
+    app.state.shutdown_deadline = app.state.grpc_server = app.state.grpc_stopped = None
+    batcher = decode_pool = None
     try:
+        max_batch_size = served.max_batch_size(settings.max_batch_size)
+        if max_batch_size != settings.max_batch_size:
+            log.info("the model file has a static batch of %d: batches of up to %d images, smaller ones padded "
+                     "(--max-batch-size %d does not apply)", max_batch_size, max_batch_size, settings.max_batch_size)
+        if settings.warmup:
+            await asyncio.to_thread(served.warmup, max_batch_size)
+        batcher = DynamicBatcher(served.instances(), app.state.metrics, max_batch_size=max_batch_size,
+                                 max_delay_ms=settings.max_delay_ms, max_queue_size=settings.max_queue_size)
+        batcher.start()
+        decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="rmt-decode")
+        app.state.server = ServerState(settings, app.state.metrics, served, batcher, decode_pool, ready=True)
         if settings.grpc_port is not None:
-            grpc_server, app.state.grpc_port = await grpc_frontend().start_grpc_server(
+            app.state.grpc_server, app.state.grpc_port = await grpc_frontend().start_grpc_server(
                 app, settings.host, settings.grpc_port, settings.max_upload_bytes)
             log.info("KServe v2 gRPC on %s:%d", settings.host, app.state.grpc_port)
         yield
     finally:
-        state.ready = False
-        if grpc_server is not None:     # refuses new calls, lets running ones finish (the batcher still runs)
-            await grpc_server.stop(settings.graceful_timeout_s)
-        await batcher.drain(settings.graceful_timeout_s)
-        decode_pool.shutdown(wait=True)
+        deadline = begin_shutdown(app)      # already begun when Server (below) runs the app
+        if (grpc_stopped := getattr(app.state, "grpc_stopped", None)) is not None:
+            await grpc_stopped          # running gRPC calls finish (the batcher still runs)
+        if batcher is not None:
+            await batcher.drain(max(0.0, deadline - time.monotonic()))
+        if decode_pool is not None:
+            decode_pool.shutdown(wait=True)
         served.close()
+
+
+def begin_shutdown(app: FastAPI) -> float:
+    """Stop taking work at once: /readyz turns not-ready and gRPC refuses new calls (its running ones
+    may finish). Returns the one deadline that every later step shares (HTTP drain, gRPC calls, the
+    batcher), so shutdown takes --graceful-timeout-s at most, not once per step."""
+    if getattr(app.state, "shutdown_deadline", None) is None:
+        app.state.shutdown_deadline = time.monotonic() + app.state.settings.graceful_timeout_s
+        if (state := getattr(app.state, "server", None)) is not None:
+            state.ready = False
+        if (grpc_server := getattr(app.state, "grpc_server", None)) is not None:
+            app.state.grpc_stopped = asyncio.ensure_future(grpc_server.stop(app.state.settings.graceful_timeout_s))
+    return app.state.shutdown_deadline
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, telling the app when shutdown begins: uvicorn runs the lifespan's shutdown
+    only after HTTP connections have drained, and until then the app would stay ready."""
+
+    async def shutdown(self, sockets=None) -> None:
+        begin_shutdown(self.config.app)
+        await super().shutdown(sockets)
 
 
 def grpc_frontend():

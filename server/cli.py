@@ -7,7 +7,7 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from .app import create_app, grpc_frontend
+from .app import Server, create_app, grpc_frontend
 from .model_host import load_served_model
 from .protocol import uvicorn_options
 from .settings import parse_cli
@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 -- ours (checkpoint, missing backend) or the runtime's (corrupt file)
         print(f"rmt-serve: cannot load the model: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    uvicorn.run(create_app(settings, served), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.graceful_timeout_s, **uvicorn_options(settings))
+    Server(uvicorn.Config(create_app(settings, served), host=settings.host, port=settings.port,
+                          log_level=settings.log_level, timeout_graceful_shutdown=settings.graceful_timeout_s,
+                          **uvicorn_options(settings))).run()
     return 0
 
 

@@ -10,6 +10,7 @@ rest (shared memory, repository, statistics) answer UNIMPLEMENTED, as the genera
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -26,6 +27,8 @@ from .errors import ApiError
 from .pipeline import deadline, off_loop
 from .security import check_token
 from .state import ServerState
+
+log = logging.getLogger("uvicorn.error")     # the server's log, as in app.py
 
 # HTTP status of an ApiError -> gRPC status (queue full is QueueFull, RESOURCE_EXHAUSTED, not a 503)
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -71,9 +74,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         except asyncio.CancelledError:      # the client cancelled or its deadline passed: its work is withdrawn
             code = grpc.StatusCode.CANCELLED
             raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            raise
+        except Exception:  # noqa: BLE001 -- a bug or the runtime's failure: logged, and the client sees INTERNAL
+            # (re-raised, grpc.aio would send UNKNOWN while the metrics count INTERNAL)
+            log.exception("gRPC %s failed", method)
+            code, message = grpc.StatusCode.INTERNAL, "internal server error"
         finally:
             self.metrics.grpc_requests.labels(method, code.name).inc()
             self.metrics.request_seconds.labels(f"grpc:{method}").observe(time.perf_counter() - started)

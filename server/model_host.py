@@ -82,13 +82,25 @@ def _served_size(height, width, requested: int) -> int:
     if height is not None and width is not None:
         if height != width:
             raise ValueError(f"the server feeds square S x S crops; this file takes {height}x{width} inputs "
-                             "(export it with one --img-size, or with --dynamic-hw)")
+                             "(export it with one --image-size, or with --dynamic-hw)")
         return height
     return requested
 
 
 def load_served_model(settings: ServeSettings) -> ServedModel:
-    """Build and load the runner. Raises CheckpointError / RunnerUnavailable / ValueError for the CLI."""
+    """Build and load the runners. Raises CheckpointError / RunnerUnavailable / ValueError for the CLI;
+    runners already loaded when a later one (or a check) fails are closed first."""
+    runners: list = []
+    try:
+        return _load_into(runners, settings)
+    except BaseException:
+        for runner in runners:
+            runner.close()
+        raise
+
+
+def _load_into(runners: list, settings: ServeSettings) -> ServedModel:
+    """The body of load_served_model; appends each runner to ``runners`` as soon as it is loaded."""
     backend = get_backend(settings.backend)
     if backend.artifact == "model":
         model = create_model(settings.model, checkpoint=settings.checkpoint and str(settings.checkpoint),
@@ -97,8 +109,9 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
             model.with_stage_outputs()
         models = [model] + [copy.deepcopy(model) for _ in range(settings.instances - 1)]   # one copy per instance
         # the batcher forms every size up to --max-batch-size: compile them as one dynamic-batch graph
-        runners = [backend.open(model=m, device=settings.device, precision=settings.precision,
-                                threads=settings.threads, dynamic_batch=True).load() for m in models]
+        for m in models:
+            runners.append(backend.open(model=m, device=settings.device, precision=settings.precision,
+                                        threads=settings.threads, dynamic_batch=True).load())
         runner = runners[0]
         described = runner.metadata().artifact
         size, static_batch = settings.image_size, None
@@ -107,8 +120,9 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
         if asked and (reason := backend.unavailable_reason(settings.device, asked)):
             raise ValueError(f"--precision {asked}: {reason}")
         # one session per instance (OpenVINO included: see docs/serving.md, "Model instances")
-        runners = [backend.open(artifact=getattr(settings, backend.artifact), device=settings.device,
-                                threads=settings.threads, precision=asked).load() for _ in range(settings.instances)]
+        for _ in range(settings.instances):
+            runners.append(backend.open(artifact=getattr(settings, backend.artifact), device=settings.device,
+                                        threads=settings.threads, precision=asked).load())
         runner = runners[0]
         if asked and asked != runner.precision:
             raise ValueError(f"{runner.path} computes in {runner.precision}, not --precision {asked} (export a "

@@ -22,11 +22,13 @@ from pathlib import Path
 
 from prometheus_client import Info
 
-from rmt_deploy.ray_cluster import RayMissing, connect, import_ray
+from rmt_deploy.cli_args import ray_address
+from rmt_deploy.ray_cluster import RayMissing, connect, device_inside_ray, import_ray
+from rmt_deploy.runners.registry import ARTIFACT_KINDS
 
 from .app import create_app
 from .model_host import load_served_model
-from .settings import LOCAL_CLUSTER, ServeSettings
+from .settings import ServeSettings
 
 APP_NAME = "rmt-serve"
 DEPLOYMENT_NAME = "RMTServer"
@@ -125,12 +127,13 @@ def replica_health_problem(app) -> str | None:
 
 def _for_replicas(settings: ServeSettings) -> ServeSettings:
     """Settings every replica can use wherever it runs: files by absolute path (a replica's working
-    directory is not the caller's)."""
-    files = {name: Path(value).resolve() for name in ("checkpoint", "onnx", "engine")
-             if (value := getattr(settings, name)) is not None}
+    directory is not the caller's), the device as the replica sees it (its GPU request stays)."""
+    # the checkpoint, and every file kind a backend loads (the registry's artifact kinds but "model")
+    files = {name: Path(value).resolve() for name in ("checkpoint", *ARTIFACT_KINDS)
+             if name != "model" and (value := getattr(settings, name)) is not None}
     if Path(settings.model).is_file():          # a config JSON, not a variant name
         files["model"] = str(Path(settings.model).resolve())
-    return settings.model_copy(update=files)
+    return settings.model_copy(update={**files, "device": device_inside_ray(settings.device)})
 
 
 def _cpus_per_replica(settings: ServeSettings) -> float:
@@ -176,6 +179,9 @@ def app_builder(args: dict[str, str]):
     the arguments are rmt-serve's settings by name (``image_size=64`` or ``image-size=64``), RMT_*
     variables fill in the rest. Host and port are Serve's (``serve run``'s, or the config file's)."""
     given = {key.replace("-", "_"): value for key, value in args.items()}
+    if unknown := sorted(set(given) - set(ServeSettings.model_fields)):
+        raise ValueError(f"unknown rmt-serve setting(s) {', '.join(unknown)}; the settings are "
+                         f"{', '.join(sorted(ServeSettings.model_fields))}")
     return build_app(ServeSettings(**{"ray": "auto", **given}))
 
 
@@ -206,7 +212,7 @@ def serve_on_ray(settings: ServeSettings) -> int:
     except RayMissing as exc:
         print(f"rmt-serve: {exc}", file=sys.stderr)
         return 2
-    local = settings.ray == LOCAL_CLUSTER
+    local = ray_address(settings.ray) is None
     if local and (problem := _cannot_load(settings)):    # a joined cluster's nodes may have other devices
         print(f"rmt-serve: cannot load the model: {problem}", file=sys.stderr)
         return 1

@@ -9,9 +9,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliApp, CliSettingsSource, CliSuppress, SettingsConfigDict
 
 from rmt_deploy.checkpoint import WEIGHT_CHOICES
+from rmt_deploy.cli_args import ray_flag_options
 from rmt_deploy.runners import backend_names, get_backend, precision_names
 
-LOCAL_CLUSTER = "local"         # --ray without an address
 
 
 class ServeSettings(BaseSettings):
@@ -114,7 +114,7 @@ def _ray_flag_takes_an_optional_address(parser, *names, **kwargs):
     """``--ray`` alone means a local cluster, ``--ray ADDRESS`` joins one (as in rmt-predict); the
     settings' CLI has no optional values, so the argparse argument gets one here."""
     if "--ray" in names:
-        kwargs.update(nargs="?", const=LOCAL_CLUSTER, metavar="ADDRESS")
+        kwargs.update(ray_flag_options())
     return parser.add_argument(*names, **kwargs)
 
 

@@ -52,3 +52,15 @@ def test_unknown_precision_is_refused_alike(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["--precision", "fp8"])
         assert "unknown fp8; choose from fp32, fp16, bf16" in capsys.readouterr().err
+
+
+def test_ray_flag_means_the_same_in_rmt_predict_and_rmt_serve():
+    """--ray alone or --ray local: a local cluster; --ray ADDRESS: join it (both tools)."""
+    from rmt_deploy.cli_args import ray_address
+    from rmt_deploy.predict.cli import build_parser as predict_parser
+    from rmt_deploy.server.settings import parse_cli
+    base = ["--data", "d", "--output", "o"]
+    for argv, address in ((["--ray"], None), (["--ray", "local"], None), (["--ray", "ray://head:10001"], "ray://head:10001")):
+        assert ray_address(predict_parser().parse_args([*base, *argv]).ray) == address, argv
+        assert ray_address(parse_cli(argv).ray) == address, argv
+    assert predict_parser().parse_args(base).ray is None

@@ -24,7 +24,7 @@ from PIL import Image
 from rmt_deploy import create_model
 from rmt_deploy.benchmarks.serve import wait_ready
 from rmt_deploy.preprocess import decode_image, preprocess
-from rmt_deploy.server.app import create_app
+from rmt_deploy.server.app import Server, create_app
 from rmt_deploy.server.cli import main as serve_main
 from rmt_deploy.server.protocol import uvicorn_options
 from rmt_deploy.server.settings import ServeSettings
@@ -103,7 +103,7 @@ def free_port() -> int:
 def live_server(settings: ServeSettings):
     """A real uvicorn server on loopback in a background thread; stopped the way SIGTERM stops it."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
+    server = Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=10, **uvicorn_options(settings)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

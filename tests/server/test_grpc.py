@@ -161,9 +161,11 @@ def test_graceful_shutdown_finishes_running_grpc_calls(model_files):
         client = triton_grpc.InferenceServerClient(f"127.0.0.1:{settings.grpc_port}")
         with ThreadPoolExecutor(4) as pool:
             calls = [pool.submit(client.infer, MODEL, [grpc_input(x)], client_timeout=60) for _ in range(4)]
+            # one call runs and at least one waits behind it when the shutdown begins (how many of the
+            # four have arrived by then depends on the machine's load, not on what is tested)
             deadline = time.monotonic() + 30
-            while batcher.queued_images < 3 and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert batcher.queued_images == 3
+            while batcher.queued_images < 1 and not all(c.done() for c in calls) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert batcher.queued_images >= 1, "no call was waiting behind a running one"
             server.should_exit = True
             assert [call.result().as_numpy("logits").shape for call in calls] == [(1, 10)] * 4

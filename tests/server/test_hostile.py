@@ -314,7 +314,7 @@ def test_slow_headers_are_cut_off(server):
     with connect(server) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         started, received = time.monotonic(), b""
-        while time.monotonic() - started < 8:
+        while time.monotonic() - started < 20:
             try:
                 sock.sendall(b"X-Slow: 1\r\n")
             except OSError:          # the server has closed the connection
@@ -327,7 +327,7 @@ def test_slow_headers_are_cut_off(server):
         seconds = time.monotonic() - started
     assert received.startswith(b"HTTP/1.1 408"), received[:200]
     assert json.loads(received.split(b"\r\n\r\n", 1)[1]) == {"error": "request headers not received within 1 s"}
-    assert seconds < 4
+    assert seconds < 12, "the connection was held open (the loop only gives up after 20 s)"
     assert_ready_and_serving(server)
 
 
@@ -359,6 +359,11 @@ def test_large_json_is_parsed_and_rendered_off_the_event_loop(slow_server):
     body = json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
                                    "data": x.ravel().tolist()}]}).encode()
     with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=10) as client:
+        idle = []                   # /healthz on this machine, now, with no big request: the noise floor
+        for _ in range(20):
+            t = time.perf_counter()
+            assert client.get(f"{slow_server.url}/healthz").status_code == 200
+            idle.append(time.perf_counter() - t)
         big = pool.submit(httpx.post, slow_server.url + INFER, content=body, timeout=120)
         started, stalls = time.monotonic(), []
         while not big.done():
@@ -370,7 +375,7 @@ def test_large_json_is_parsed_and_rendered_off_the_event_loop(slow_server):
         response = big.result()
     assert response.status_code == 200, response.text[:300]
     assert sum(len(o["data"]) for o in response.json()["outputs"]) == 32 * 112**2 + 64 * 56**2 + 128 * 28**2 + 256 * 14**2
-    assert max(stalls) < max(0.25, seconds / 5), (max(stalls), seconds)
+    assert max(stalls) < max(0.25, 5 * max(idle), seconds / 5), (max(stalls), max(idle), seconds)
 
 
 def test_empty_api_key_is_refused_at_start(model_config, tiny_checkpoint):
@@ -436,8 +441,10 @@ def test_a_client_gone_while_queued_leaves_no_work_behind(slow_server):
             while scrape(slow_server, hangups) == gone and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert scrape(slow_server, hangups) == gone + 1
-            time.sleep(1.0)         # time enough for a second runner call, had the image been taken
-            if scrape(slow_server, "rmt_batch_size_count") == calls + 1:
+            # the queue is first in, first out: once a later request is answered, the hung-up image
+            # would have been inferred before it, had it been taken
+            assert httpx.post(slow_server.url + INFER, timeout=60, **request).status_code == 200
+            if scrape(slow_server, "rmt_batch_size_count") == calls + 2:
                 break
-    assert scrape(slow_server, "rmt_batch_size_count") == calls + 1, "every hung-up request was inferred"
+    assert scrape(slow_server, "rmt_batch_size_count") == calls + 2, "every hung-up request was inferred"
     assert scrape(slow_server, "rmt_queue_depth") == 0

@@ -54,7 +54,8 @@ def test_replica_options_without_ray_are_refused():
 
 
 def test_ray_flag_takes_an_optional_address():
-    from rmt_deploy.server.settings import LOCAL_CLUSTER, parse_cli
+    from rmt_deploy.cli_args import LOCAL_CLUSTER
+    from rmt_deploy.server.settings import parse_cli
     assert parse_cli(["--ray", "--replicas", "2"]).ray == LOCAL_CLUSTER
     assert parse_cli(["--ray"]).ray == LOCAL_CLUSTER
     assert parse_cli(["--ray", "ray://head:10001"]).ray == "ray://head:10001"
@@ -74,6 +75,18 @@ def test_deployment_options_map_replicas_and_autoscaling():
                                             "target_ongoing_requests": 8}
     from ray.serve import Application
     assert isinstance(app_builder({"model": "rmt_t", "image-size": "64", "replicas": "2"}), Application)
+    with pytest.raises(ValueError, match=r"unknown rmt-serve setting\(s\) replica;"):
+        app_builder({"model": "rmt_t", "replica": "2"})
+
+
+def test_replicas_see_their_gpu_as_cuda_0():
+    """Ray gives each replica its GPU through CUDA_VISIBLE_DEVICES: cuda:1 outside is cuda:0 inside."""
+    from rmt_deploy.server.ray_serve import _for_replicas, deployment_options
+    from rmt_deploy.server.settings import parse_cli
+    settings = parse_cli(["--ray", "--device", "cuda:1"])
+    assert _for_replicas(settings).device == "cuda:0"
+    assert deployment_options(settings)["ray_actor_options"]["num_gpus"] == 1
+    assert _for_replicas(parse_cli(["--ray"])).device == "cpu"
 
 
 def test_replica_health_reports_a_runner_that_fails_batch_after_batch(tmp_path, tiny_config, tiny_checkpoint):
@@ -147,9 +160,18 @@ def classify(url: str, seed: int) -> Outcome:
                    time.monotonic())
 
 
-def load(url: str, requests: int, concurrency: int = 16) -> list[Outcome]:
+def load(url: str, requests: int, concurrency: int = 16, answered: list | None = None) -> list[Outcome]:
+    """``requests`` classify calls, ``concurrency`` at a time; each outcome is also appended to
+    ``answered`` as it comes, for a caller watching the progress."""
+    answered = [] if answered is None else answered
+
+    def one(i: int) -> Outcome:
+        outcome = classify(url, i)
+        answered.append(outcome)
+        return outcome
+
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(lambda i: classify(url, i), range(requests)))
+        return list(pool.map(one, range(requests)))
 
 
 def replica_pids(url: str, rounds: int = 10) -> dict[str, int]:
@@ -213,8 +235,11 @@ def test_killed_replica_loses_only_its_requests_and_is_replaced(ray_server):
     assert len(before) == 2, f"/metrics named only {before}"
     victim, victim_pid = next(iter(before.items()))
     with ThreadPoolExecutor(1) as background:
-        running = background.submit(load, url, 160)
-        time.sleep(1.0)                                 # load on both replicas
+        answered: list[Outcome] = []
+        running = background.submit(load, url, 160, 16, answered)
+        deadline = time.monotonic() + 60
+        while len(answered) < 16 and time.monotonic() < deadline:      # load on both replicas
+            time.sleep(0.01)
         os.kill(victim_pid, signal.SIGKILL)
         killed_at = time.monotonic()
         outcomes = running.result(timeout=CLIENT_TIMEOUT_S * 12)
