@@ -70,6 +70,7 @@ class EagerRunner(Runner):
         self.autocast = precision == "bf16" and not device.startswith("cuda")
         self._dtype = torch.float32 if self.autocast else _DTYPES[precision]
         self._fn = model
+        self._stream = None
 
     def _load(self) -> None:
         if self.threads:
@@ -77,6 +78,11 @@ class EagerRunner(Runner):
         self.model.fuse().to(self.device, self._dtype).eval()
         if not self.device.startswith("cuda"):
             keep_freed_memory()
+        elif not self.cuda_graphs:
+            # its own stream: runners fed by one batcher (server instances) copy and compute on separate
+            # streams, so one batch's copies overlap another's kernels (CUDA graphs keep the stream they
+            # were recorded on)
+            self._stream = torch.cuda.Stream(self.device)
         if self.compile:
             # CUDA graphs ("reduce-overhead"): the compiled RMT launches many small kernels per forward
             # and is launch-bound without them, even at batch 64 (figures: docs/benchmarks.md). Outputs
@@ -99,7 +105,8 @@ class EagerRunner(Runner):
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.as_tensor(feed[INPUT_NAME])      # float32, contiguous (Runner.infer)
         if self.device.startswith("cuda"):
-            with torch.cuda.device(self.device):        # the events must record on the runner's GPU
+            # the events must record on the runner's GPU and stream (None: the current stream)
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
                 return self._infer_cuda(images)
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
@@ -109,7 +116,7 @@ class EagerRunner(Runner):
 
     def _infer_cuda(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         """The host-to-device copy (cast on the host into a reused pinned buffer, then copied
-        asynchronously on the current stream), the forward and the copy back, timed with CUDA events."""
+        asynchronously on the runner's stream), the forward and the copy back, timed with CUDA events."""
         host = self._pinned.stage(INPUT_NAME, images, self._dtype)
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         marks[0].record()

@@ -91,3 +91,23 @@ def test_cuda_torch_runners_split_and_match_cpu(tiny_model, backend):
             assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < tol, precision
             t = runner.last_timing
             assert t.compute_ms > 0 and t.h2d_ms > 0 and t.d2h_ms > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_eager_runners_run_on_their_own_streams_and_agree(tiny_model):
+    """Two runners (two server instances) infer at once from two threads, each on its own stream."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rmt_deploy.runners import INPUT_NAME
+
+    images = np.random.default_rng(2).standard_normal((4, 3, SIZE, SIZE), dtype=np.float32)
+    runners = [open_runner("eager", model=copy.deepcopy(tiny_model), device="cuda").load() for _ in range(2)]
+    try:
+        assert runners[0]._stream is not None and runners[0]._stream != runners[1]._stream
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(lambda r: [r.infer({INPUT_NAME: images})["logits"] for _ in range(5)], runners))
+        for out in outs[0][1:] + outs[1]:
+            np.testing.assert_allclose(out, outs[0][0], rtol=1e-4, atol=1e-5)
+    finally:
+        for runner in runners:
+            runner.close()
