@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from rmt_deploy.artifact import ExportPlan, Range
-from rmt_deploy.labels import class_labels
+from rmt_deploy.labels import class_labels, top_k_scores
 from rmt_deploy.runners import Backend, Runner, RunnerUnavailable, backends_for, get_backend, infer_padded, \
     reference_backend
 
@@ -170,21 +170,13 @@ def output_schema(options: PredictOptions, stage_names: list[str] | None = None)
     return pa.schema(fields + [pa.field("error", pa.string())])
 
 
-def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and softmax scores of the k best classes per row, as the server's /classify ranks them."""
-    z = logits.astype(np.float64)
-    probs = np.exp(z - z.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(probs, order, axis=1)
-
 
 def prediction_columns(predictor: Predictor, outputs: dict[str, np.ndarray]) -> dict[str, list]:
     """Column values for the images that ran (one list entry per image)."""
     if predictor.options.features_pooled:
         return {name: list(outputs[name].mean(axis=(2, 3), dtype=np.float32)) for name in predictor.output_names}
     logits = outputs["logits"]
-    indices, scores = top_k(logits, min(predictor.options.top_k, logits.shape[1]))
+    indices, scores = top_k_scores(logits, min(predictor.options.top_k, logits.shape[1]))
     columns = {"top1": indices[:, 0].tolist(), "top1_label": [predictor.labels[i] for i in indices[:, 0]],
                "topk_indices": list(indices), "topk_scores": list(scores.astype(np.float32))}
     if predictor.options.embeddings:

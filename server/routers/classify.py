@@ -6,6 +6,8 @@ import time
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 
+from rmt_deploy.labels import top_k_scores
+
 from ..errors import ApiError, error_responses
 from ..pipeline import deadline, decode_all, infer, reserve
 from ..schemas import ClassifyBatchResponse, ClassifyResponse, Prediction, TimingMs
@@ -18,11 +20,8 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 
 
 def top_predictions(logits: np.ndarray, labels: list[str], top_k: int) -> list[Prediction]:
-    z = logits.astype(np.float64)
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    order = np.argsort(-probs, kind="stable")[:top_k]
-    return [Prediction(index=int(i), label=labels[i], score=float(probs[i])) for i in order]
+    order, scores = top_k_scores(logits[None], top_k)
+    return [Prediction(index=int(i), label=labels[i], score=float(p)) for i, p in zip(order[0], scores[0])]
 
 
 @router.post("/classify", response_model=ClassifyResponse | ClassifyBatchResponse, openapi_extra=IMAGE_BODY_OPENAPI,
