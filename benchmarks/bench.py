@@ -21,7 +21,7 @@ from rmt_deploy.model import RMTConfig
 from rmt_deploy.artifact import ExportPlan, Range
 from rmt_deploy.runners import INPUT_NAME, RunnerUnavailable, get_backend, reference_backend
 
-from .artifacts import SEED, ArtifactCache
+from rmt_deploy.exporters.cache import SEED, ArtifactCache
 from .machine import machine_info, matmul_peak
 
 

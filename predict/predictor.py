@@ -79,7 +79,7 @@ class Predictor:
 
 def _model(options: PredictOptions):
     from rmt_deploy import create_model
-    from rmt_deploy.benchmarks.artifacts import SEED  # random weights: seeded as rmt-bench's, so exports match
+    from rmt_deploy.exporters.cache import SEED  # random weights: seeded as the cache's exports
     import torch
     torch.manual_seed(SEED)
     model = create_model(options.model, checkpoint=options.checkpoint, weights=options.weights,
@@ -88,10 +88,10 @@ def _model(options: PredictOptions):
 
 
 def _prepare(backend: Backend, options: PredictOptions) -> Path:
-    """The backend's artifact, prepared (exported, built) through rmt-bench's cache, the export library's
-    one route, for a static batch of --batch-size. A model with the embedding output is cached apart: the
+    """The backend's artifact, prepared (exported, built) through the export library's cache (its one
+    route), for a static batch of --batch-size. A model with the embedding output is cached apart: the
     cache key knows config and weights only."""
-    from rmt_deploy.benchmarks.artifacts import ArtifactCache
+    from rmt_deploy.exporters.cache import ArtifactCache
     cache = ArtifactCache(Path(options.cache_dir) / ("embedding" if options.embeddings else ""))
     plan = ExportPlan(batch=Range.fixed(options.batch_size), height=options.image_size, width=options.image_size,
                       precisions=(options.precision or "fp32",), device=options.device)

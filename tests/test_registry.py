@@ -75,3 +75,14 @@ def test_the_library_never_imports_the_tools():
                  for n, line in enumerate(p.read_text().splitlines(), 1)
                  if line.lstrip().startswith(("import ", "from ")) and tools.search(line)]
     assert not importing, importing
+
+
+def test_no_tool_imports_the_benchmark_tool():
+    """rmt-predict, rmt-serve and rmt-export share code through the library and the export library
+    (its artifact cache included), never through rmt-bench."""
+    bench = re.compile(r"rmt_deploy\.benchmarks|from \.\.+benchmarks")
+    importing = [f"{p.relative_to(ROOT)}:{n}" for folder in ("exporters", "server", "predict")
+                 for p in sorted((ROOT / folder).rglob("*.py"))
+                 for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if line.lstrip().startswith(("import ", "from ")) and bench.search(line)]
+    assert not importing, importing
