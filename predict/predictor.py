@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from rmt_deploy.artifact import ExportPlan, Range
 from rmt_deploy.labels import class_labels, top_k_scores
-from rmt_deploy.runners import Backend, Runner, RunnerUnavailable, backends_for, get_backend, infer_padded, \
+from rmt_deploy.runners import Backend, Runner, backends_for, get_backend, infer_padded, open_backend_runner, \
     reference_backend
 
 FILE_KINDS = ("onnx", "engine")     # the artifact kinds a file is given for (--onnx, --engine)
@@ -108,22 +108,14 @@ def _check_file_precision(options: PredictOptions, runner: Runner) -> None:
 
 
 def _open_runner(options: PredictOptions) -> tuple[Runner, list[str]]:
-    """Build and load the runner of ``options`` and name its outputs (the one place a backend is opened).
-    A backend that cannot run the precision on the device is refused with the registry's reason before
-    any model is built or file exported."""
-    backend = get_backend(options.backend)
-    reason = backend.unavailable_reason(options.device, options.precision or "fp32")
-    if reason:
-        raise RunnerUnavailable(reason)
-    given = options.given_file(backend)
-    if backend.artifact == "model":
-        model = _model(options)
-        runner = backend.open(model=model, device=options.device, precision=options.precision,
-                              threads=options.threads, dynamic_batch=True).load()
-        return runner, list(model.output_names)
-    path = Path(given) if given else _prepare(backend, options)
-    runner = backend.open(artifact=path, device=options.device, threads=options.threads,
-                          precision=None if given else options.precision).load()
+    """Build and load the runner of ``options`` and name its outputs (the one place rmt-predict opens a
+    backend). A backend that cannot run the precision on the device is refused with the registry's reason
+    before any model is built or file exported; a given file opens in its own precision (checked later)."""
+    runner, _ = open_backend_runner(options.backend, device=options.device, precision=options.precision,
+                                    threads=options.threads, make_model=lambda: _model(options),
+                                    artifact=options.given_file(get_backend(options.backend)),
+                                    prepare=lambda backend: _prepare(backend, options), dynamic_batch=True)
+    runner.load()
     return runner, [t.name for t in runner.metadata().outputs]
 
 
