@@ -8,7 +8,7 @@ from rmt_deploy.accuracy import labelled_images
 from rmt_deploy.preprocess import load_images
 from rmt_deploy.runners import RunnerUnavailable, infer_padded
 
-from .artifacts import ArtifactCache
+from rmt_deploy.exporters.cache import ArtifactCache
 from .bench import Settings, load_model, open_backend
 
 

@@ -20,9 +20,9 @@ from rmt_deploy import VARIANTS, create_model
 from rmt_deploy.flops import count_macs, count_params
 from rmt_deploy.model import RMTConfig
 from rmt_deploy.artifact import ExportPlan, Range
-from rmt_deploy.runners import INPUT_NAME, RunnerUnavailable, get_backend, reference_backend
+from rmt_deploy.runners import INPUT_NAME, RunnerUnavailable, get_backend, open_backend_runner, reference_backend
 
-from .artifacts import SEED, ArtifactCache
+from rmt_deploy.exporters.cache import SEED, ArtifactCache
 from .machine import machine_info, matmul_peak
 
 
@@ -107,24 +107,23 @@ class _Memory:
 
 def open_backend(backend: str, model, precision: str, batch: int, settings: Settings, cache: ArtifactCache,
                  onnx: str | None, engine: str | None):
-    """The runner of one row and the artifact it runs (None for the model backends): a given file,
-    else the one the backend prepares through the cache. Refused before any export where it cannot run."""
-    entry = get_backend(backend)
-    reason = entry.unavailable_reason(settings.device, precision)
-    if reason:            # say so before spending minutes exporting a file nothing here can run
-        raise RunnerUnavailable(reason)
-    if entry.artifact == "model":
-        torch._dynamo.reset()          # a fresh compile cache: no recompile limit carried over
-        # each runner casts/moves its own copy, leaving the shared model fp32 on CPU for exporting;
-        # compiled models run as CUDA graphs on GPUs (every call comes from this thread)
-        return entry.open(model=copy.deepcopy(model), device=settings.device, precision=precision,
-                          cuda_graphs=True), None
-    given = {"onnx": onnx, "engine": engine}[entry.artifact]
+    """The runner of one row and the artifact it runs (None for the model backends): a given file (in
+    its own precision: `_check_artifact` compares), else the one the backend prepares through the cache.
+    Refused before any export where it cannot run."""
     plan = ExportPlan(batch=Range.fixed(batch), height=settings.img_size, width=settings.img_size,
                       precisions=(precision,), device=settings.device, calib=settings.calib)
-    path = Path(given) if given else entry.prepare(model, plan, cache)
-    return entry.open(artifact=path, device=settings.device, threads=settings.threads,
-                      precision=None if given else precision), path
+    given = {"onnx": onnx, "engine": engine}.get(get_backend(backend).artifact)
+    # compiled models run as CUDA graphs on GPUs (every call comes from this thread)
+    return open_backend_runner(backend, device=settings.device, precision=precision, threads=settings.threads,
+                               make_model=lambda: _fresh_copy(model), artifact=given,
+                               prepare=lambda entry: entry.prepare(model, plan, cache), cuda_graphs=True)
+
+
+def _fresh_copy(model):
+    """The model a model-backend row runs: its own copy (each runner casts/moves its copy, leaving the
+    shared model fp32 on CPU for exporting), with a fresh compile cache (no recompile limit carried over)."""
+    torch._dynamo.reset()
+    return copy.deepcopy(model)
 
 
 def _check_artifact(runner, artifact, model, precision: str, batch: int, size: int) -> None:

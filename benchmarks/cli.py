@@ -79,7 +79,7 @@ def bench_main(argv: list[str]) -> int:
     from rich.console import Console
 
     from . import report as rpt
-    from .artifacts import ArtifactCache
+    from rmt_deploy.exporters.cache import ArtifactCache
     from .bench import Settings, run_benchmark
 
     args = bench_parser().parse_args(argv)
@@ -109,7 +109,7 @@ def accuracy_main(argv: list[str]) -> int:
     from rich.table import Table
 
     from .accuracy import run_accuracy
-    from .artifacts import ArtifactCache
+    from rmt_deploy.exporters.cache import ArtifactCache
     from .bench import Settings, parse_models
 
     args = accuracy_parser().parse_args(argv)

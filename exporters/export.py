@@ -1,7 +1,7 @@
 """Export as a library (timm's onnx_export script over timm.utils.onnx): `export_artifacts` writes the
 ONNX files and TensorRT engines a plan asks for and returns their `Manifest`; `parity_gate` proves each
-against the eager model. `rmt-export` is a thin CLI over both, and rmt-bench's artifact cache calls the
-same function, so there is one FP16 route and one metadata writer.
+against the eager model. `rmt-export` is a thin CLI over both, and the artifact cache (`cache.py`, behind
+rmt-bench and rmt-predict) calls the same function, so there is one FP16 route and one metadata writer.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The Parquet output: a folder of part files (what Ray Data writes too, and what pyarrow, pandas,
-Spark and DuckDB read as one table). Each part is written to a hidden temporary name and renamed
-into place, so a killed run leaves only complete parts; ``--resume`` reads their paths and skips them."""
+"""The Parquet output: a folder of part files (what pyarrow, pandas, Spark and DuckDB read as one
+table), written by `PartWriter` for the local run and ``--ray`` alike. Each part is written to a
+hidden temporary name and renamed into place, so a killed run leaves only complete parts; ``--resume``
+reads their paths and skips them."""
 from __future__ import annotations
 
 import os
@@ -21,8 +22,8 @@ def part_files(folder: str | Path) -> list[Path]:
 
 
 def written_paths(folder: str | Path) -> set[str]:
-    """Paths that already have a row in ``folder``. A part that cannot be read (a Ray write killed
-    mid-file: Ray writes in place) is named, never skipped silently."""
+    """Paths that already have a row in ``folder``. A part that cannot be read (cut short by something
+    other than rmt-predict: a copy, a full disk) is named, never skipped silently."""
     done: set[str] = set()
     for part in part_files(folder):
         try:

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from rmt_deploy.artifact import ExportPlan, Range
 from rmt_deploy.labels import class_labels, top_k_scores
-from rmt_deploy.runners import Backend, Runner, RunnerUnavailable, backends_for, get_backend, infer_padded, \
+from rmt_deploy.runners import Backend, Runner, backends_for, get_backend, infer_padded, open_backend_runner, \
     reference_backend
 
 FILE_KINDS = ("onnx", "engine")     # the artifact kinds a file is given for (--onnx, --engine)
@@ -79,7 +79,7 @@ class Predictor:
 
 def _model(options: PredictOptions):
     from rmt_deploy import create_model
-    from rmt_deploy.benchmarks.artifacts import SEED  # random weights: seeded as rmt-bench's, so exports match
+    from rmt_deploy.exporters.cache import SEED  # random weights: seeded as the cache's exports
     import torch
     torch.manual_seed(SEED)
     model = create_model(options.model, checkpoint=options.checkpoint, weights=options.weights,
@@ -88,10 +88,10 @@ def _model(options: PredictOptions):
 
 
 def _prepare(backend: Backend, options: PredictOptions) -> Path:
-    """The backend's artifact, prepared (exported, built) through rmt-bench's cache, the export library's
-    one route, for a static batch of --batch-size. A model with the embedding output is cached apart: the
+    """The backend's artifact, prepared (exported, built) through the export library's cache (its one
+    route), for a static batch of --batch-size. A model with the embedding output is cached apart: the
     cache key knows config and weights only."""
-    from rmt_deploy.benchmarks.artifacts import ArtifactCache
+    from rmt_deploy.exporters.cache import ArtifactCache
     cache = ArtifactCache(Path(options.cache_dir) / ("embedding" if options.embeddings else ""))
     plan = ExportPlan(batch=Range.fixed(options.batch_size), height=options.image_size, width=options.image_size,
                       precisions=(options.precision or "fp32",), device=options.device)
@@ -108,22 +108,14 @@ def _check_file_precision(options: PredictOptions, runner: Runner) -> None:
 
 
 def _open_runner(options: PredictOptions) -> tuple[Runner, list[str]]:
-    """Build and load the runner of ``options`` and name its outputs (the one place a backend is opened).
-    A backend that cannot run the precision on the device is refused with the registry's reason before
-    any model is built or file exported."""
-    backend = get_backend(options.backend)
-    reason = backend.unavailable_reason(options.device, options.precision or "fp32")
-    if reason:
-        raise RunnerUnavailable(reason)
-    given = options.given_file(backend)
-    if backend.artifact == "model":
-        model = _model(options)
-        runner = backend.open(model=model, device=options.device, precision=options.precision,
-                              threads=options.threads, dynamic_batch=True).load()
-        return runner, list(model.output_names)
-    path = Path(given) if given else _prepare(backend, options)
-    runner = backend.open(artifact=path, device=options.device, threads=options.threads,
-                          precision=None if given else options.precision).load()
+    """Build and load the runner of ``options`` and name its outputs (the one place rmt-predict opens a
+    backend). A backend that cannot run the precision on the device is refused with the registry's reason
+    before any model is built or file exported; a given file opens in its own precision (checked later)."""
+    runner, _ = open_backend_runner(options.backend, device=options.device, precision=options.precision,
+                                    threads=options.threads, make_model=lambda: _model(options),
+                                    artifact=options.given_file(get_backend(options.backend)),
+                                    prepare=lambda backend: _prepare(backend, options), dynamic_batch=True)
+    runner.load()
     return runner, [t.name for t in runner.metadata().outputs]
 
 

@@ -1,6 +1,9 @@
 """rmt-predict --ray: the same job on Ray Data. The listed images become a dataset; Ray tasks decode
 them with the shared preprocessing; a pool of actors, each holding one runner, infers; the rows (the
-schema of the local run) are written as a folder of Parquet files."""
+schema of the local run) stream back to this process, whose `PartWriter` writes them as the local run
+does: each part under a temporary name renamed into place once complete, so a killed job leaves only
+whole parts and ``--resume`` neither loses nor repeats rows. (Ray Data's ``write_parquet`` writes its
+files in place, and on each worker's disk.)"""
 from __future__ import annotations
 
 import os
@@ -10,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from rmt_deploy import ray_cluster
 from rmt_deploy.ray_cluster import device_inside_ray
@@ -18,8 +21,8 @@ from rmt_deploy.runners import get_backend
 
 from .decode import decode_one
 from .local import RunSummary, pending_sources
-from .output import part_files
-from .predictor import PredictOptions, open_predictor, rows_table
+from .output import PartWriter
+from .predictor import PredictOptions, open_predictor, output_schema, rows_table
 from .sources import Source
 
 DECODE_CPUS = 0.5      # decoding one batch is light next to inferring it
@@ -48,16 +51,17 @@ def _absolute(path):
     return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
-def _for_actors(options: PredictOptions) -> tuple[PredictOptions, int]:
+def _for_actors(options: PredictOptions) -> tuple[PredictOptions, int, pa.Schema]:
     """Run in a Ray task with an actor's resources, not on the driver (which may lack the device):
     options every actor can open wherever it runs (an ONNX file or engine prepared once here, by
-    absolute path), and the runner's input size (a file's own), known before decoding starts."""
+    absolute path), the runner's input size (a file's own), known before decoding starts, and the
+    output columns."""
     options = replace(options, device=device_inside_ray(options.device))
     with closing(open_predictor(options)) as probe:
         backend = get_backend(options.backend)
         if backend.artifact != "model":
             options = options.with_file(backend, _absolute(str(probe.runner.path)))
-        return options, probe.image_size
+        return options, probe.image_size, output_schema(options, probe.output_names)
 
 
 class PredictActor:
@@ -75,7 +79,7 @@ class PredictActor:
 def run_ray(options: PredictOptions, data: str, output: str | Path, *, address: str | None = None,
             num_actors: int = 1, gpus_per_actor: float = 0.0, resume: bool = False,
             rows_per_file: int = 1000) -> RunSummary:
-    """Run the pending images of ``data`` on the cluster; rows land in ``output`` as Ray writes them."""
+    """Run the pending images of ``data`` on the cluster; rows land in ``output`` as they come back."""
     ray = ray_cluster.import_ray("data")
     sources, listed = pending_sources(data, output, resume)
     start = time.perf_counter()
@@ -98,7 +102,7 @@ def _run_on_cluster(ray, options: PredictOptions, sources: list[Source], output,
     options = replace(options, model=_absolute(options.model), checkpoint=_absolute(options.checkpoint),
                       cache_dir=os.path.abspath(options.cache_dir))
     probe = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)(_for_actors)
-    options, size = ray.get(probe.remote(options))
+    options, size, schema = ray.get(probe.remote(options))
     dataset = ray.data.from_items(_source_rows(sources))
     # decoding stays in tasks of its own (different resources keep Ray from fusing it into the actors)
     decoded = dataset.map_batches(decode_rows, fn_kwargs={"size": size}, batch_size=options.batch_size,
@@ -106,10 +110,11 @@ def _run_on_cluster(ray, options: PredictOptions, sources: list[Source], output,
     rows = decoded.map_batches(PredictActor, fn_constructor_kwargs={"options": options}, batch_size=options.batch_size,
                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
                                num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
-    before = set(part_files(output))
-    rows.write_parquet(str(output), min_rows_per_file=rows_per_file)
-    new_parts = [p for p in part_files(output) if p not in before]
-    tables = [pq.read_table(p, columns=["error"]) for p in new_parts]
-    written = sum(t.num_rows for t in tables)
-    errors = written - sum(t.column("error").null_count for t in tables)
-    return RunSummary(listed, listed - len(sources), written, errors, time.perf_counter() - start)
+    writer, errors = PartWriter(output, schema, rows_per_file), 0
+    try:
+        for table in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(table)
+            errors += table.num_rows - table.column("error").null_count
+    finally:            # rows that came back before an interruption are written on the way out
+        writer.flush()
+    return RunSummary(listed, listed - len(sources), writer.rows_written, errors, time.perf_counter() - start)

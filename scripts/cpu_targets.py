@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from rmt_deploy.benchmarks.artifacts import ArtifactCache
+from rmt_deploy.exporters.cache import ArtifactCache
 from rmt_deploy.benchmarks.bench import load_model
 from rmt_deploy.flops import count_macs
 from rmt_deploy.artifact import ExportPlan, Range
@@ -29,7 +29,7 @@ BATCHES = (1, 8)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--cache-dir", default=".rmt_cache", help="rmt-bench's cache of exported ONNX files")
+    ap.add_argument("--cache-dir", default=".rmt_cache", help="the artifact cache of exported ONNX files (rmt-bench's)")
     args = ap.parse_args()
     model = load_model("rmt_t")
     macs = count_macs(model.config)["total"]

@@ -4,14 +4,16 @@ The service definition is the one tritonclient ships generated (``service_pb2``/
 so ``tritonclient.grpc`` and other KServe clients work unchanged. It runs on ``grpc.aio`` in the
 FastAPI lifespan, on the same event loop as HTTP, and answers through the same pieces: the model
 checks and tensor validation of `kserve_v2`, the same dynamic batcher with its queue bound, the same
-request deadline and bearer token. Only the calls the protocol's core needs are implemented; the
-rest (shared memory, repository, statistics) answer UNIMPLEMENTED, as the generated base class does.
+request deadline and bearer token. The protocol's core calls and Triton's
+streaming inference are implemented; the rest (shared memory, repository, statistics) answer
+UNIMPLEMENTED, as the generated base class does.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from functools import partial
 
 import grpc
 import numpy as np
@@ -63,10 +65,18 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.metrics = app.state.metrics
 
     async def _answer(self, method: str, context: grpc.aio.ServicerContext, work):
-        """Run ``work``, count the call by method and status code, and turn our errors into gRPC statuses."""
-        code, started = grpc.StatusCode.OK, time.perf_counter()
+        """Run ``work`` and return its response, or end the call with the gRPC status of its error."""
+        response, code, message = await self._outcome(method, work)
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, message)
+        return response
+
+    async def _outcome(self, method: str, work) -> tuple[object | None, grpc.StatusCode, str]:
+        """Run ``work``, count the call by method and status code: (its response, OK, "") or (None, the
+        gRPC status of our error, its message)."""
+        code, message, started = grpc.StatusCode.OK, "", time.perf_counter()
         try:
-            return await work()
+            return await work(), code, message
         except QueueFull as exc:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, f"server busy: {exc}"
         except ApiError as exc:
@@ -81,7 +91,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             self.metrics.grpc_requests.labels(method, code.name).inc()
             self.metrics.request_seconds.labels(f"grpc:{method}").observe(time.perf_counter() - started)
-        await context.abort(code, message)
+        return None, code, message
 
     def _state(self) -> ServerState:
         state: ServerState | None = getattr(self.app.state, "server", None)
@@ -123,6 +133,37 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         return await self._answer("ModelInfer", context, lambda: self._infer(request, context))
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Triton's streaming inference: every request goes the ModelInfer way and is answered in order,
+        a failed one by its ``error_message`` (the stream goes on). Up to --max-batch-size requests of a
+        stream run at once, so the batcher can group them; past that the stream is read no further
+        (gRPC flow control holds the client back) until the oldest is answered."""
+        running, slots = asyncio.Queue(), asyncio.Semaphore(self.app.state.settings.max_batch_size)
+        reader = asyncio.ensure_future(self._start_each(request_iterator, context, running, slots))
+        try:
+            while (task := await running.get()) is not None:
+                response, code, message = await task
+                slots.release()
+                yield (pb.ModelStreamInferResponse(infer_response=response) if code is grpc.StatusCode.OK
+                       else pb.ModelStreamInferResponse(error_message=message))
+            await reader            # the client's stream broke: say so
+        finally:                    # the client went away: its requests still running are withdrawn
+            reader.cancel()
+            while not running.empty():
+                if (task := running.get_nowait()) is not None:
+                    task.cancel()
+
+    async def _start_each(self, request_iterator, context, running: asyncio.Queue, slots: asyncio.Semaphore):
+        """Start every request of a stream as it arrives, in order, into ``running`` (each takes one of
+        ``slots``); None once the stream ends."""
+        try:
+            async for request in request_iterator:
+                await slots.acquire()
+                running.put_nowait(asyncio.ensure_future(
+                    self._outcome("ModelStreamInfer", partial(self._infer, request, context))))
+        finally:
+            running.put_nowait(None)
 
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         scheme, _, token = dict(context.invocation_metadata() or ()).get("authorization", "").partition(" ")

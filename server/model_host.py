@@ -12,7 +12,7 @@ import numpy as np
 from rmt_deploy import create_model
 from rmt_deploy.artifact import ArtifactDescription
 from rmt_deploy.labels import class_labels
-from rmt_deploy.runners import Runner, get_backend, infer_padded
+from rmt_deploy.runners import BackendRefused, Runner, get_backend, infer_padded, open_backend_runner
 
 from .settings import ServeSettings
 
@@ -99,31 +99,53 @@ def load_served_model(settings: ServeSettings) -> ServedModel:
         raise
 
 
+def _instance_models(settings: ServeSettings) -> Callable[[], object]:
+    """Hands out the model of each instance: built on the first call (after the registry's check),
+    copied for the other instances before any runner casts or moves its own."""
+    models: list = []
+
+    def next_model():
+        if not models:
+            model = create_model(settings.model, checkpoint=settings.checkpoint and str(settings.checkpoint),
+                                 features_only=settings.task == "features", weights=settings.weights)
+            if settings.task == "classify":     # a classifier computes the stage maps anyway: serve both tasks
+                model.with_stage_outputs()
+            models.extend([model] + [copy.deepcopy(model) for _ in range(settings.instances - 1)])
+        return models.pop(0)
+    return next_model
+
+
+def _open_instance(settings: ServeSettings, asked: str | None, make_model: Callable[[], object]) -> Runner:
+    """One instance's runner (not loaded): the model at --precision, or the given file at the precision
+    asked (None: its own). A precision the backend cannot run here is refused with the registry's reason."""
+    kind = get_backend(settings.backend).artifact
+    try:
+        # the batcher forms every size up to --max-batch-size: compile them as one dynamic-batch graph
+        runner, _ = open_backend_runner(settings.backend, device=settings.device, threads=settings.threads,
+                                        precision=settings.precision if kind == "model" else asked,
+                                        make_model=make_model, given_in_own_precision=False, dynamic_batch=True,
+                                        artifact=None if kind == "model" else getattr(settings, kind))
+    except BackendRefused as exc:
+        if asked:
+            raise ValueError(f"--precision {asked}: {exc}") from exc
+        raise
+    return runner
+
+
 def _load_into(runners: list, settings: ServeSettings) -> ServedModel:
     """The body of load_served_model; appends each runner to ``runners`` as soon as it is loaded."""
     backend = get_backend(settings.backend)
+    asked = settings.precision if "precision" in settings.model_fields_set else None
+    # one runner per instance: a model copy each, or one session each (OpenVINO included: see
+    # docs/serving.md, "Model instances")
+    make_model = _instance_models(settings)
+    for _ in range(settings.instances):
+        runners.append(_open_instance(settings, asked, make_model).load())
+    runner = runners[0]
     if backend.artifact == "model":
-        model = create_model(settings.model, checkpoint=settings.checkpoint and str(settings.checkpoint),
-                             features_only=settings.task == "features", weights=settings.weights)
-        if settings.task == "classify":     # a classifier computes the stage maps anyway: serve both tasks
-            model.with_stage_outputs()
-        models = [model] + [copy.deepcopy(model) for _ in range(settings.instances - 1)]   # one copy per instance
-        # the batcher forms every size up to --max-batch-size: compile them as one dynamic-batch graph
-        for m in models:
-            runners.append(backend.open(model=m, device=settings.device, precision=settings.precision,
-                                        threads=settings.threads, dynamic_batch=True).load())
-        runner = runners[0]
         described = runner.metadata().artifact
         size, static_batch = settings.image_size, None
     else:
-        asked = settings.precision if "precision" in settings.model_fields_set else None
-        if asked and (reason := backend.unavailable_reason(settings.device, asked)):
-            raise ValueError(f"--precision {asked}: {reason}")
-        # one session per instance (OpenVINO included: see docs/serving.md, "Model instances")
-        for _ in range(settings.instances):
-            runners.append(backend.open(artifact=getattr(settings, backend.artifact), device=settings.device,
-                                        threads=settings.threads, precision=asked).load())
-        runner = runners[0]
         if asked and asked != runner.precision:
             raise ValueError(f"{runner.path} computes in {runner.precision}, not --precision {asked} (export a "
                              "file of that precision)")

@@ -78,6 +78,12 @@ class ServeSettings(BaseSettings):
             raise ValueError("RMT_API_KEY is set but empty: set a token, or unset it to serve without one")
         return value
 
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _empty_grpc_port_is_off(cls, value):
+        """``RMT_GRPC_PORT=`` turns off the gRPC port the container image sets."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:

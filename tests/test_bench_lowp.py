@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rmt_deploy.benchmarks.artifacts import ArtifactCache
+from rmt_deploy.exporters.cache import ArtifactCache
 from rmt_deploy.benchmarks.bench import Settings, run_benchmark
 from rmt_deploy.runners import get_backend
 from shapes10 import CALIB, CHECKPOINT, CONFIG, SIZE, needs_fixture

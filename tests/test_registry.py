@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rmt_deploy.runners import (Backend, backend_names, backends_for, get_backend, open_runner, precision_names,
-                                reference_backend)
+from rmt_deploy.runners import (Backend, BackendRefused, RunnerUnavailable, backend_names, backends_for, get_backend,
+                                open_backend_runner, open_runner, precision_names, reference_backend)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +49,47 @@ def test_open_takes_what_the_backend_needs(tiny_model, tmp_path):
     assert open_runner("eager", model=tiny_model, precision="bf16").name == "eager-bf16-cpu"
 
 
+def test_open_backend_runner_refuses_before_building_anything(tiny_model, tmp_path):
+    built = []
+
+    def make_model():
+        built.append(True)
+        return tiny_model
+
+    def prepare(entry):
+        built.append(entry.name)
+        return tmp_path / "prepared.onnx"
+
+    for name, device, precision in [("onnxruntime", "cpu", "bf16"), ("openvino", "cuda:0", None),
+                                    ("eager", "cpu", "fp16"), ("tensorrt", "cpu", None)]:
+        with pytest.raises(BackendRefused) as refused:
+            open_backend_runner(name, device=device, precision=precision, make_model=make_model, prepare=prepare)
+        assert str(refused.value) == get_backend(name).unavailable_reason(device, precision or "fp32")
+        assert isinstance(refused.value, RunnerUnavailable)
+    assert not built
+
+
+def test_open_backend_runner_model_given_or_prepared_file(tiny_model, tmp_path):
+    runner, path = open_backend_runner("compile", device="cpu", precision="fp32", threads=1,
+                                       make_model=lambda: tiny_model, dynamic_batch=True)
+    assert (runner.name, runner.dynamic_batch, runner.threads, path) == ("compile-fp32-cpu", True, 1, None)
+    given, prepared = tmp_path / "given.onnx", tmp_path / "prepared.onnx"
+    for file in (given, prepared):
+        file.write_bytes(b"")               # built, not loaded: runners read their file in load()
+    if reason := get_backend("openvino").unavailable_reason("cpu", "fp16"):
+        pytest.skip(reason)
+    runner, path = open_backend_runner("openvino", device="cpu", precision="fp16", artifact=given,
+                                       prepare=lambda entry: pytest.fail("a given file is not prepared"),
+                                       dynamic_batch=True)         # model options: not for file backends
+    assert (path, runner.requested_precision) == (given, None)     # its own precision; the caller compares
+    runner, _ = open_backend_runner("openvino", device="cpu", precision="fp16", artifact=str(given),
+                                    given_in_own_precision=False)
+    assert runner.requested_precision == "fp16"
+    runner, path = open_backend_runner("openvino", device="cpu", precision="fp16", threads=2,
+                                       prepare=lambda entry: prepared)
+    assert (path, runner.requested_precision, runner.threads) == (prepared, "fp16", 2)
+
+
 _QUOTED_NAME = re.compile(r"""["'](%s)["']""" % "|".join(map(re.escape, backend_names())))
 # the registry, the runners declaring entries, and the OpenVINO runner's kernel (it builds against openvino's headers)
 _ENTRIES = {Path("rmt_deploy/runners") / f for f in ("registry.py", "eager.py", "onnxruntime.py", "openvino.py",
@@ -74,4 +115,15 @@ def test_the_library_never_imports_the_tools():
     importing = [f"{p.relative_to(ROOT)}:{n}" for p in sorted((ROOT / "rmt_deploy").rglob("*.py"))
                  for n, line in enumerate(p.read_text().splitlines(), 1)
                  if line.lstrip().startswith(("import ", "from ")) and tools.search(line)]
+    assert not importing, importing
+
+
+def test_no_tool_imports_the_benchmark_tool():
+    """rmt-predict, rmt-serve and rmt-export share code through the library and the export library
+    (its artifact cache included), never through rmt-bench."""
+    bench = re.compile(r"rmt_deploy\.benchmarks|from \.\.+benchmarks")
+    importing = [f"{p.relative_to(ROOT)}:{n}" for folder in ("exporters", "server", "predict")
+                 for p in sorted((ROOT / folder).rglob("*.py"))
+                 for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if line.lstrip().startswith(("import ", "from ")) and bench.search(line)]
     assert not importing, importing

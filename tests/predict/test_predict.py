@@ -242,8 +242,25 @@ def test_ray_two_actors_give_the_same_rows(images, local_output, local_run, tmp_
             np.testing.assert_allclose(row["embedding"], expected["embedding"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_killed_ray_job_resumes_without_losing_or_repeating(tmp_path):
+    """--ray writes the local run's way (whole parts renamed into place): a SIGKILLed job leaves only
+    complete parts, and --resume (the same folder, on this machine) writes each remaining image once."""
+    pytest.importorskip("ray.data", reason="the ray extra is not installed")
+    images = _write_images(tmp_path / "images", per_class=12)
+    output = tmp_path / "out.parquet"
+    _kill_when_written(_start(tmp_path / "images", output, "--ray"), output, 1, signal.SIGKILL)
+    after_kill = _rows(output)            # every part readable, no path twice
+    assert 0 < len(after_kill) < len(images)
+    assert main([*MODEL_ARGS, "--data", str(tmp_path / "images"), "--output", str(output), "--workers", "0",
+                 "--resume"]) == 0
+    rows = _rows(output)
+    assert set(rows) == {str(p) for p in images} and not list(output.glob(".tmp-*"))
+    assert all(after_kill[path] == rows[path] for path in after_kill)
+
+
 def test_a_part_cut_short_is_named_not_skipped(tmp_path):
-    """Ray writes files in place: one cut short by a kill must stop --resume with its name, not be ignored."""
+    """A part cut short outside rmt-predict (a copy, a full disk) stops --resume with its name, not ignored."""
     from rmt_deploy.predict.output import prepare_output
     output = tmp_path / "out.parquet"
     output.mkdir()

@@ -4,6 +4,7 @@
 token, a full queue and a deadline; running calls finish on shutdown. Tiny model at 64 px."""
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -125,6 +126,57 @@ def test_grpc_errors_carry_the_protocol_status_codes(served):
     assert after == before + 4
     assert client.infer(MODEL, [grpc_input(x)], headers=dict(HEADERS)).as_numpy("logits").shape == (1, 10)
     assert scrape(url, 'rmt_grpc_requests_total{code="OK",method="ModelInfer"}') >= 1
+
+
+def _stream(address: str, requests: list[tuple[np.ndarray, list[str] | None]], headers=None) -> list:
+    """Send ``requests`` (input, outputs asked) on one ModelStreamInfer stream; the (request id, result,
+    error) answers in the order they came back."""
+    answers, done = [], threading.Event()
+
+    def callback(result, error):
+        answers.append((None if result is None else result.get_response().id, result, error))
+        if len(answers) == len(requests):
+            done.set()
+
+    client = triton_grpc.InferenceServerClient(address)
+    client.start_stream(callback, headers=headers)
+    try:
+        for i, (x, outputs) in enumerate(requests):
+            client.async_stream_infer(MODEL, [grpc_input(x)], request_id=str(i), outputs=outputs and [
+                triton_grpc.InferRequestedOutput(name) for name in outputs])
+        assert done.wait(60), f"{len(answers)} of {len(requests)} answered"
+    finally:
+        client.stop_stream()
+        client.close()
+    return answers
+
+
+def test_stream_answers_each_request_in_order_errors_included(served):
+    url, address = served
+    x = images(3)
+    logits = triton_grpc.InferenceServerClient(address).infer(MODEL, [grpc_input(x)], headers=dict(HEADERS)
+                                                             ).as_numpy("logits")
+    # (input, outputs asked, the unary logits it must equal or the words of its error)
+    cases = [(x[:1], None, logits[:1]), (x[1:], ["logits"], logits[1:]),
+             (np.zeros((1, 3, 16, 16), np.float32), None, "shape"), (x[2:], ["stage9"], "unknown outputs"),
+             (x[:2], ["logits"], logits[:2])] * 2
+    before = {code: scrape(url, f'rmt_grpc_requests_total{{code="{code}",method="ModelStreamInfer"}}')
+              for code in ("OK", "INVALID_ARGUMENT")}
+    answers = _stream(address, [(sent, outputs) for sent, outputs, _ in cases], headers=dict(HEADERS))
+    assert len(answers) == len(cases)
+    for i, ((_, outputs, expected), (request_id, result, error)) in enumerate(zip(cases, answers)):
+        if isinstance(expected, str):           # answered by an error; the stream goes on
+            assert result is None and expected in error.message(), (i, error)
+            continue
+        assert error is None and request_id == str(i), (i, error)       # in the order sent
+        names = [o.name for o in result.get_response().outputs]
+        assert names == (outputs or ["logits", "embedding", "stage1", "stage2", "stage3", "stage4"])
+        np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-4, atol=1e-5)
+    assert scrape(url, 'rmt_grpc_requests_total{code="OK",method="ModelStreamInfer"}') == before["OK"] + 6
+    assert scrape(url, 'rmt_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelStreamInfer"}') == \
+        before["INVALID_ARGUMENT"] + 4
+    unauthenticated = _stream(address, [(x[:1], None)] * 2)
+    assert [error is not None and "token" in error.message() for _, _, error in unauthenticated] == [True, True]
 
 
 def test_full_queue_is_resource_exhausted_and_timeout_is_deadline_exceeded(model_files):

@@ -1,6 +1,7 @@
 """ONNX files and TensorRT engines exported on the fly into a cache, keyed by everything that
 changes their contents, so a rerun reuses them and a code or weight change never does. The files
-come from rmt-export's own library call (`export_artifacts`): the same FP16 route and metadata."""
+come from the export library's own call (`export_artifacts`): the same FP16 route and metadata.
+rmt-bench and rmt-predict prepare their artifacts through it."""
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,8 @@ class ArtifactCache:
         # edited during a long run must not label an export made by the code loaded before.
         try:
             from rmt_deploy import model as model_module
-            from rmt_deploy.exporters import export, onnx_export
+
+            from . import export, onnx_export
         except ImportError as exc:
             self._export, self._problem = None, f"the ONNX exporter cannot be imported: {exc}"
         else:
