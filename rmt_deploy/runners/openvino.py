@@ -7,9 +7,10 @@ plugin would otherwise silently compute in bfloat16), and the latency hint (one 
 every core), which is what one call at a time (the benchmark, the server's batcher) measures.
 Before compiling, three output-preserving rewrites (`openvino_graph`): the NaN guards the ONNX reader adds after
 attention are dropped where a finite mask makes them the identity (`drop_attention_nan_guards`), the
-rotary shifts take the form the plugin fuses into RoPE kernels (`rotary_as_rope`), and float32 attention
+rotary shifts take the form the plugin fuses into RoPE kernels (`rotary_as_rope`), and attention
 within `small_attention`'s limits (every RMT one at 224 px) runs on its kernel, a C++ extension
-operation, where it builds (`use_small_head_attention`).
+operation, where it builds (`use_small_head_attention`): its float32 variant in a float32 graph, its
+bfloat16 one in a bf16 graph.
 """
 from __future__ import annotations
 

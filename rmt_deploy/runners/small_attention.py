@@ -10,7 +10,9 @@ library is an OpenVINO extension: its ``SmallHeadAttention`` operation runs the 
 CPU plugin's graph, with no Python between nodes. It is compiled on first use with the machine's C++
 compiler for its own CPU (``-march=native``, AVX-512F) against the headers and libraries in the
 openvino package, and cached; where that fails (no compiler, no AVX-512, no OpenVINO)
-`kernel_unavailable_reason` says why and OpenVINO's own kernel runs instead.
+`kernel_unavailable_reason` says why and OpenVINO's own kernel runs instead. Where the CPU has
+AVX512_BF16 the library also has a bfloat16 variant (bf16 tensors in and out, float32 softmax), which
+bf16 graphs run; `kernel_unavailable_reason("bf16")` says whether it is there.
 ``RMT_SMALL_ATTENTION=0`` turns it off.
 """
 from __future__ import annotations
