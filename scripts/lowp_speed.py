@@ -37,7 +37,7 @@ def artifacts(args) -> dict[str, Path]:
     paths = {"fp32": fp32, "ort_int8": Path(f"{stem}-int8.onnx"), "ov_int8": Path(f"{stem}-int8.xml")}
     if not paths["ort_int8"].is_file():
         q.quantize_onnxruntime(fp32, paths["ort_int8"], images, calibration=q.calibration_tag(args.calib))
-    if not paths["ov_int8"].is_file():
+    if "openvino" in args.backends and not paths["ov_int8"].is_file():
         q.quantize_openvino(fp32, paths["ov_int8"], images, calibration=q.calibration_tag(args.calib))
     return paths
 
@@ -87,11 +87,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--cache-dir", default=".rmt_cache/lowp")
+    parser.add_argument("--backends", default="openvino,onnxruntime", help="comma list of the groups to time")
     args = parser.parse_args()
     x = {"images": np.random.default_rng(0).standard_normal((args.batch_size, 3, args.image_size, args.image_size),
                                                               dtype=np.float32)}
     rows = {}
-    for backend, makers in runner_groups(artifacts(args), args.threads).items():
+    groups = runner_groups(artifacts(args), args.threads)
+    for backend, makers in {b: groups[b] for b in args.backends.split(",")}.items():
         group = time_group(makers, x, args.rounds)
         base = group[f"{backend} fp32"]["median_ms"]
         rows.update({name: {**row, "median_ms": round(row["median_ms"], 2),
