@@ -53,9 +53,11 @@ def runner_groups(paths: dict[str, Path], threads: int | None) -> dict[str, dict
                 "openvino int8": lambda: OpenVINORunner(paths["ov_int8"], threads=threads),
                 "openvino int8 + bf16 float layers": lambda: OpenVINORunner(paths["ov_int8"], threads=threads,
                                                                             precision="bf16")},
+            # spinning off: after its run each idle session's threads would spin on the 2 cores while the
+            # other session runs, and slow both (docs/precision.md)
             OnnxRuntimeRunner.backend: {
-                "onnxruntime fp32": lambda: OnnxRuntimeRunner(paths["fp32"], threads=threads),
-                "onnxruntime int8": lambda: OnnxRuntimeRunner(paths["ort_int8"], threads=threads)}}
+                "onnxruntime fp32": lambda: OnnxRuntimeRunner(paths["fp32"], threads=threads, spinning=False),
+                "onnxruntime int8": lambda: OnnxRuntimeRunner(paths["ort_int8"], threads=threads, spinning=False)}}
 
 
 def time_group(makers: dict, feed: dict, rounds: int) -> dict[str, dict]:
@@ -71,7 +73,7 @@ def time_group(makers: dict, feed: dict, rounds: int) -> dict[str, dict]:
             times[name].append((time.perf_counter() - start) * 1e3)
     rows = {name: {"median_ms": statistics.median(t),
                    "metadata": {k: v for k, v in active[name].metadata().extra.items()
-                                if k in ("inference_precision", "small_head_attention", "providers")}}
+                                if k in ("inference_precision", "small_head_attention", "providers", "intra_op_spinning")}}
             for name, t in times.items()}
     for runner in active.values():
         runner.close()
