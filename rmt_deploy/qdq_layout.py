@@ -110,8 +110,10 @@ def pointwise_convs_as_gemms(proto) -> int:
             helper.make_node("Transpose", [conv.input[0]], [f"{stem}_nhwc"], name=f"{stem}_to_nhwc", perm=[0, 2, 3, 1]),
             helper.make_node("Reshape", [f"{stem}_nhwc", f"{stem}_rows"], [f"{stem}_flat"], name=f"{stem}_flatten"),
             helper.make_node("Gemm", gemm_inputs, [f"{stem}_gemm"], name=f"{stem}_gemm", transB=1),
-            helper.make_node("Reshape", [f"{stem}_gemm", f"{stem}_nhwc_shape"], [f"{stem}_out_nhwc"], name=f"{stem}_unflatten"),
-            helper.make_node("Transpose", [f"{stem}_out_nhwc"], [conv.output[0]], name=f"{stem}_to_nchw", perm=[0, 3, 1, 2])])
+            helper.make_node("Reshape", [f"{stem}_gemm", f"{stem}_nhwc_shape"], [f"{stem}_out_nhwc"],
+                             name=f"{stem}_unflatten"),
+            helper.make_node("Transpose", [f"{stem}_out_nhwc"], [conv.output[0]], name=f"{stem}_to_nchw",
+                             perm=[0, 3, 1, 2])])
         count += 1
     return count
 

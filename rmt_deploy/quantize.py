@@ -89,7 +89,8 @@ class _BatchReader:
 def _projection_adds(proto) -> set[str]:
     """Adds read only by 1x1 convolutions: in RMT attention + LePE, the output projection's input, which
     is rounded to uint8 for the projection anyway. A QLinearAdd there saves a DequantizeLinear and a
-    float add; the residual adds stay float (quantized, they cost a point on the degraded fixture)."""
+    float add. The residual adds stay float: quantized, they failed the gate on the degraded fixture
+    (docs/precision.md)."""
     initializers = {i.name: i for i in proto.graph.initializer}
     readers: dict[str, list] = {}
     for node in proto.graph.node:

@@ -73,7 +73,8 @@ def time_group(makers: dict, feed: dict, rounds: int) -> dict[str, dict]:
             times[name].append((time.perf_counter() - start) * 1e3)
     rows = {name: {"median_ms": statistics.median(t),
                    "metadata": {k: v for k, v in active[name].metadata().extra.items()
-                                if k in ("inference_precision", "small_head_attention", "providers", "intra_op_spinning")}}
+                                if k in ("inference_precision", "small_head_attention", "providers",
+                                         "intra_op_spinning")}}
             for name, t in times.items()}
     for runner in active.values():
         runner.close()

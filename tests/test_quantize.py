@@ -92,8 +92,8 @@ def test_int8_layout_rewrites_keep_the_float_outputs(fp32_onnx):
     assert rewrite_for_ort_int8(proto) == {"channels-last tokens": tokens, "1x1 convs as Gemm": pointwise}
     assert _pointwise_convs(proto) == 0 and [0, 2, 1] not in _perms(proto)
     images = shapes10.parity_images()[:BATCH]
-    before = ort.InferenceSession(str(fp32_onnx), providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
-    after = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
+    before, after = (ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
+                     for model in (str(fp32_onnx), proto.SerializeToString()))
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
 
 
