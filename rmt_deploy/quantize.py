@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .preprocess import image_files, load_images
+from .qdq_layout import pointwise_matrix, rewrite_for_ort_int8
 from .runners.base import INPUT_NAME
 
 
@@ -25,8 +26,9 @@ CALIBRATION_SUFFIXES = {".jpg", ".jpeg", ".png"}
 MIN_CALIBRATION_IMAGES = 32        # fewer real images give activation ranges of a handful of pictures
 MAX_CALIBRATION_IMAGES = 300       # NNCF's default subset size; more only costs time
 # Linear algebra is what INT8 speeds up; LayerNorm, softmax / attention (with its decay-bias mask)
-# and the residual adds stay float: the known failure points of quantized transformers.
-ORT_QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+# and the residual adds stay float: the known failure points of quantized transformers. Of the Adds
+# only the output projection's input is quantized (`_projection_adds`).
+ORT_QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Add")
 # OpenVINO's CPU plugin runs depthwise (group) convolutions in float whatever quantizes their input
 # (docs/precision.md), so a FakeQuantize before one would only add a quantize-dequantize pass.
 OPENVINO_FLOAT_OPS = ("ScaledDotProductAttention", "Softmax", "MVN", "GroupConvolution")
@@ -86,18 +88,40 @@ class _BatchReader:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def _float_matmuls(proto) -> list[str]:
-    """MatMuls of two activations (attention scores and mixing in the portable export): kept float."""
+def _projection_adds(proto) -> set[str]:
+    """Adds read only by 1x1 convolutions: in RMT attention + LePE, the output projection's input, which
+    is rounded to uint8 for the projection anyway. A QLinearAdd there saves a DequantizeLinear and a
+    float add. The residual adds stay float: quantized, they failed the gate on the degraded fixture
+    (docs/precision.md)."""
+    initializers = {i.name: i for i in proto.graph.initializer}
+    readers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return {n.name for n in proto.graph.node if n.op_type == "Add" and readers.get(n.output[0])
+            and all(pointwise_matrix(r, initializers) is not None for r in readers[n.output[0]])}
+
+
+def _float_nodes(proto, quantized_adds: set[str]) -> list[str]:
+    """Nodes of ORT_QUANTIZED_OPS' types that stay float: MatMuls of two activations (attention in the
+    portable export), the Adds not in ``quantized_adds``, and the first convolution (three image
+    channels: ONNX Runtime's int8 kernel gains nothing there, and the image itself would be rounded)."""
     constants = {i.name for i in proto.graph.initializer}
     constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and not set(n.input) & constants]
+    image = proto.graph.input[0].name
+    return [n.name for n in proto.graph.node
+            if (n.op_type == "MatMul" and not set(n.input) & constants)
+            or (n.op_type == "Add" and n.name not in quantized_adds)
+            or (n.op_type == "Conv" and image in n.input)]
 
 
 def quantize_onnxruntime(fp32_onnx: str | Path, out_path: str | Path, images: np.ndarray, *,
                          calibration: str = "", per_channel: bool = True) -> Path:
     """A QDQ INT8 copy of a float32 ONNX file (activations uint8, weights int8 per output channel,
     MinMax calibration over ``images``), the input of ONNX Runtime's CPU int8 kernels and of
-    TensorRT's explicit quantization. Only Conv/Gemm/MatMul with a weight operand are quantized."""
+    TensorRT's explicit quantization. Conv/Gemm/MatMul with a weight operand (but the first
+    convolution) and the output projections' input Adds are quantized, on the graph as
+    `qdq_layout.rewrite_for_ort_int8` leaves it (1x1 convolutions as Gemms)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
@@ -113,19 +137,28 @@ def quantize_onnxruntime(fp32_onnx: str | Path, out_path: str | Path, images: np
         # shape inference and ORT's graph fusions first, as ONNX Runtime's docs advise for static quantization
         quant_pre_process(os.fspath(fp32_onnx), os.fspath(prepared), skip_symbolic_shape=True)
         prepared_proto = onnx.load(os.fspath(prepared))
+        for index, node in enumerate(prepared_proto.graph.node):
+            node.name = node.name or f"{node.op_type}_{index}"     # the quantizer excludes nodes by name
+        quantized_adds = _projection_adds(prepared_proto)
+        rewrites = rewrite_for_ort_int8(prepared_proto)
+        onnx.save(prepared_proto, os.fspath(prepared))
         present = {n.op_type for n in prepared_proto.graph.node}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_static(prepared, partial, _BatchReader(calibration_batches(images, batch)),
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             op_types_to_quantize=[t for t in ORT_QUANTIZED_OPS if t in present],
-                            nodes_to_exclude=_float_matmuls(prepared_proto),
+                            nodes_to_exclude=_float_nodes(prepared_proto, quantized_adds),
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                           # float outputs: QGemm / MatMulIntegerToFloat dequantize in their
+                                           # GEMM epilogue, instead of a uint8 tensor and a DequantizeLinear
+                                           "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]})
         quantized = onnx.load(os.fspath(partial))
         meta = {p.key: p.value for p in proto.metadata_props}
         meta.update({"rmt.precision": "int8", "rmt.quantizer": "onnxruntime.quantization QDQ (static, MinMax)",
-                     "rmt.calibration": _calibration_note(images, calibration)})
+                     "rmt.calibration": _calibration_note(images, calibration),
+                     "rmt.graph_rewrites": ", ".join(f"{k}: {v}" for k, v in rewrites.items())})
         del quantized.metadata_props[:]
         for key, value in meta.items():
             quantized.metadata_props.add(key=key, value=value)

@@ -37,7 +37,7 @@ def artifacts(args) -> dict[str, Path]:
     paths = {"fp32": fp32, "ort_int8": Path(f"{stem}-int8.onnx"), "ov_int8": Path(f"{stem}-int8.xml")}
     if not paths["ort_int8"].is_file():
         q.quantize_onnxruntime(fp32, paths["ort_int8"], images, calibration=q.calibration_tag(args.calib))
-    if not paths["ov_int8"].is_file():
+    if "openvino" in args.backends and not paths["ov_int8"].is_file():
         q.quantize_openvino(fp32, paths["ov_int8"], images, calibration=q.calibration_tag(args.calib))
     return paths
 
@@ -53,9 +53,11 @@ def runner_groups(paths: dict[str, Path], threads: int | None) -> dict[str, dict
                 "openvino int8": lambda: OpenVINORunner(paths["ov_int8"], threads=threads),
                 "openvino int8 + bf16 float layers": lambda: OpenVINORunner(paths["ov_int8"], threads=threads,
                                                                             precision="bf16")},
+            # spinning off: after its run each idle session's threads would spin on the 2 cores while the
+            # other session runs, and slow both (docs/precision.md)
             OnnxRuntimeRunner.backend: {
-                "onnxruntime fp32": lambda: OnnxRuntimeRunner(paths["fp32"], threads=threads),
-                "onnxruntime int8": lambda: OnnxRuntimeRunner(paths["ort_int8"], threads=threads)}}
+                "onnxruntime fp32": lambda: OnnxRuntimeRunner(paths["fp32"], threads=threads, spinning=False),
+                "onnxruntime int8": lambda: OnnxRuntimeRunner(paths["ort_int8"], threads=threads, spinning=False)}}
 
 
 def time_group(makers: dict, feed: dict, rounds: int) -> dict[str, dict]:
@@ -71,7 +73,8 @@ def time_group(makers: dict, feed: dict, rounds: int) -> dict[str, dict]:
             times[name].append((time.perf_counter() - start) * 1e3)
     rows = {name: {"median_ms": statistics.median(t),
                    "metadata": {k: v for k, v in active[name].metadata().extra.items()
-                                if k in ("inference_precision", "small_head_attention", "providers")}}
+                                if k in ("inference_precision", "small_head_attention", "providers",
+                                         "intra_op_spinning")}}
             for name, t in times.items()}
     for runner in active.values():
         runner.close()
@@ -87,11 +90,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--cache-dir", default=".rmt_cache/lowp")
+    parser.add_argument("--backends", default="openvino,onnxruntime", help="comma list of the groups to time")
     args = parser.parse_args()
     x = {"images": np.random.default_rng(0).standard_normal((args.batch_size, 3, args.image_size, args.image_size),
                                                               dtype=np.float32)}
     rows = {}
-    for backend, makers in runner_groups(artifacts(args), args.threads).items():
+    groups = runner_groups(artifacts(args), args.threads)
+    for backend, makers in {b: groups[b] for b in args.backends.split(",")}.items():
         group = time_group(makers, x, args.rounds)
         base = group[f"{backend} fp32"]["median_ms"]
         rows.update({name: {**row, "median_ms": round(row["median_ms"], 2),

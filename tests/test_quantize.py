@@ -11,6 +11,7 @@ from rmt_deploy import quantize as q
 from rmt_deploy.accuracy import AccuracyDropError, low_precision_gate
 from rmt_deploy.parity import ParityError
 from rmt_deploy.preprocess import load_images
+from rmt_deploy.qdq_layout import rewrite_for_ort_int8
 from rmt_deploy.runners import RunnerUnavailable, get_backend, registry
 from rmt_deploy.runners.onnxruntime import OnnxRuntimeRunner
 import shapes10
@@ -68,9 +69,56 @@ def test_calibration_reads_jpeg_and_png_recursively_preprocessed_like_the_server
     assert [len(b) for b in batches] == [2, 2] and np.array_equal(batches[1][1], images[0])   # wraps, no zeros
 
 
+@pytest.fixture(scope="module")
+def ort_int8(fp32_onnx, calib_images, tmp_path_factory):
+    return q.quantize_onnxruntime(fp32_onnx, tmp_path_factory.mktemp("ort_int8") / "int8.onnx", calib_images,
+                                  calibration=str(CALIB))
+
+
+def _perms(proto) -> list[list[int]]:
+    return [list(a.ints) for n in proto.graph.node if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
+
+
+def _pointwise_convs(proto) -> int:
+    shapes = {i.name: list(i.dims) for i in proto.graph.initializer}
+    return sum(n.op_type == "Conv" and shapes.get(n.input[1], [])[2:] == [1, 1] for n in proto.graph.node)
+
+
+def test_int8_layout_rewrites_keep_the_float_outputs(fp32_onnx):
+    import onnxruntime as ort
+    proto = onnx.load(str(fp32_onnx))
+    pointwise, tokens = _pointwise_convs(proto), _perms(proto).count([0, 2, 1])
+    assert pointwise and tokens
+    assert rewrite_for_ort_int8(proto) == {"channels-last tokens": tokens, "1x1 convs as Gemm": pointwise}
+    assert _pointwise_convs(proto) == 0 and [0, 2, 1] not in _perms(proto)
+    images = shapes10.parity_images()[:BATCH]
+    before, after = (ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
+                     for model in (str(fp32_onnx), proto.SerializeToString()))
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+
+
 @int8_here
-def test_onnxruntime_qdq_int8_passes_the_gate(fp32_onnx, calib_images, tmp_path):
-    path = q.quantize_onnxruntime(fp32_onnx, tmp_path / "int8.onnx", calib_images, calibration=str(CALIB))
+def test_onnxruntime_int8_session_keeps_no_layout_transposes_and_no_pointwise_dequantize(fp32_onnx, ort_int8, tmp_path):
+    """What the rewrites are for, as ONNX Runtime's CPU session optimizes the QDQ file: the transposes
+    around its channels-last convolutions all cancel (one may stay at the float first convolution),
+    and every 1x1 convolution and linear layer runs as a QGemm with float output (no
+    DequantizeLinear after it)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(ort_int8), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath).graph.node
+    fp32 = onnx.load(str(fp32_onnx)).graph.node
+    ops = [n.op_type for n in optimized]
+    assert ops.count("Transpose") <= 1
+    assert ops.count("QGemm") == _pointwise_convs(onnx.load(str(fp32_onnx))) + [n.op_type for n in fp32].count("Gemm")
+    qgemm_outputs = {o for n in optimized if n.op_type == "QGemm" for o in n.output}
+    assert not [n for n in optimized if n.op_type == "DequantizeLinear" and n.input[0] in qgemm_outputs]
+
+
+@int8_here
+def test_onnxruntime_qdq_int8_passes_the_gate(fp32_onnx, ort_int8, calib_images):
+    path = ort_int8
     proto = onnx.load(str(path))
     ops = {n.op_type for n in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Attention", "LayerNormalization"} <= ops
@@ -78,12 +126,15 @@ def test_onnxruntime_qdq_int8_passes_the_gate(fp32_onnx, calib_images, tmp_path)
     per_channel = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
                    and n.input[0] in {w.name for w in int8_weights} and any(a.name == "axis" for a in n.attribute)]
     assert len(int8_weights) >= 60 and per_channel        # every Conv / Gemm weight, per output channel
-    assert [p.name for p in tmp_path.iterdir()] == ["int8.onnx"]      # no temporary file left beside it
+    assert [p.name for p in path.parent.iterdir()] == ["int8.onnx"]   # no temporary file left beside it
     candidate = OnnxRuntimeRunner(path).load()
     meta = candidate.metadata().extra
     assert candidate.precision == "int8" and meta["rmt.precision"] == "int8"
     # served as public model metadata: the folder's name, never the path given
     assert meta["rmt.calibration"] == f"{len(calib_images)} images {CALIB.name}"
+    fp32 = onnx.load(str(fp32_onnx))
+    assert meta["rmt.graph_rewrites"] == (f"channels-last tokens: {_perms(fp32).count([0, 2, 1])}, "
+                                          f"1x1 convs as Gemm: {_pointwise_convs(fp32)}")
     for report in _gate(candidate):
         assert report.passed, report.text()
         assert report.drop <= 1.0

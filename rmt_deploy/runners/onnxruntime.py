@@ -38,10 +38,15 @@ def unavailable_reason(device: str) -> str | None:
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, precision: str | None = None):
-        """``precision``: what the file is expected to compute in, until ``load`` reads the file's own."""
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, precision: str | None = None,
+                 spinning: bool = True):
+        """``precision``: what the file is expected to compute in, until ``load`` reads the file's own.
+        ``spinning=False``: the intra-op threads sleep as soon as a run ends instead of spinning (ONNX
+        Runtime's default) for the next one; where several sessions share a process they then no longer
+        take CPU from the one that is running."""
         super().__init__()
         self.path, self.device, self.threads, self.precision = Path(path), device, threads, precision or "fp32"
+        self.spinning = spinning
         self.session = None
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
@@ -56,6 +61,8 @@ class OnnxRuntimeRunner(Runner):
         if self.threads:
             options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.device.startswith("cuda"):
             providers = [("CUDAExecutionProvider", {"device_id": int(self.device.partition(":")[2] or 0)}),
                          "CPUExecutionProvider"]
@@ -77,7 +84,8 @@ class OnnxRuntimeRunner(Runner):
         meta = self.session.get_modelmeta().custom_metadata_map
         # outputs are returned as float32 whatever the file computes in (`_infer`)
         return RunnerMetadata(self._specs(self.session.get_inputs()), self._specs(self.session.get_outputs(), "float32"),
-                              {"path": os.fspath(self.path), "providers": self.session.get_providers(), **meta},
+                              {"path": os.fspath(self.path), "providers": self.session.get_providers(),
+                               "intra_op_spinning": self.spinning, **meta},
                               ArtifactDescription.from_metadata(meta))
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

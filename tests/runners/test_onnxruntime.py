@@ -27,3 +27,15 @@ def test_fp32_file_is_described_as_exported(tiny_static):
     with get_backend("onnxruntime").open(artifact=path, threads=1) as runner:
         described = runner.metadata().artifact
         assert described.precision == "fp32" and described.batch is not None and described.batch.max == 1
+
+
+def test_spinning_off_reaches_the_session_and_its_metadata_and_changes_no_output(tiny_static):
+    from rmt_deploy.runners.onnxruntime import OnnxRuntimeRunner
+    _, path = tiny_static
+    x = {"images": np.random.default_rng(0).standard_normal((1, 3, 64, 96), dtype=np.float32)}
+    with OnnxRuntimeRunner(path, threads=2, spinning=False).load() as quiet, \
+            OnnxRuntimeRunner(path, threads=2).load() as default:
+        assert quiet.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert quiet.metadata().extra["intra_op_spinning"] is False
+        assert default.metadata().extra["intra_op_spinning"] is True
+        np.testing.assert_array_equal(quiet.infer(x)["logits"], default.infer(x)["logits"])
