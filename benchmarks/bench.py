@@ -106,7 +106,7 @@ class _Memory:
 
 
 def open_backend(backend: str, model, precision: str, batch: int, settings: Settings, cache: ArtifactCache,
-                 onnx: str | None, engine: str | None):
+                 onnx: str | None, engine: str | None, shared_process: bool = False):
     """The runner of one row and the artifact it runs (None for the model backends): a given file (in
     its own precision: `_check_artifact` compares), else the one the backend prepares through the cache.
     Refused before any export where it cannot run."""
@@ -116,7 +116,8 @@ def open_backend(backend: str, model, precision: str, batch: int, settings: Sett
     # compiled models run as CUDA graphs on GPUs (every call comes from this thread)
     return open_backend_runner(backend, device=settings.device, precision=precision, threads=settings.threads,
                                make_model=lambda: _fresh_copy(model), artifact=given,
-                               prepare=lambda entry: entry.prepare(model, plan, cache), cuda_graphs=True)
+                               prepare=lambda entry: entry.prepare(model, plan, cache), cuda_graphs=True,
+                               shared_process=shared_process)
 
 
 def _fresh_copy(model):
@@ -289,12 +290,12 @@ class _Row:
     def label(self) -> str:
         return f"{self.model.config.name} {self.backend} {self.precision} b{self.batch}"
 
-    def open(self, measure_memory: bool = True):
+    def open(self, interleaved: bool = False):
         """The loaded runner (checked against the row when it runs a given file), its artifact, and the
-        peak memory of its loading and running (from after the export), or None."""
+        peak memory of its loading and running (from after the export; None when interleaved)."""
         runner, artifact = open_backend(self.backend, self.model, self.precision, self.batch, self.settings,
-                                        self.cache, self.onnx, self.engine)
-        memory = _Memory(self.settings.device, self.backend) if measure_memory else None
+                                        self.cache, self.onnx, self.engine, shared_process=interleaved)
+        memory = None if interleaved else _Memory(self.settings.device, self.backend)
         try:
             runner.load()
             if artifact is not None:
@@ -352,7 +353,9 @@ def _run_one(row: _Row, progress) -> dict:
 def _run_interleaved(rows: list[_Row], progress) -> list[dict]:
     """Rows that differ only in precision, measured together: all open and warm, then each repeat runs
     every row's timed calls in turn, so a change of load on a shared machine hits them alike and their
-    ratios hold. Peak memory is not measured (the runners share the process)."""
+    ratios hold. The runners are opened as good neighbours (`Backend.shared_process_options`: ONNX
+    Runtime's idle threads would otherwise spin into the next row's time). Peak memory is not measured
+    (the runners share the process)."""
     settings = rows[0].settings
     calls = _calls_per_row(settings)
     task = progress.add_task(f"{rows[0].label} ... interleaved", total=calls and calls * len(rows)) if progress else None
@@ -361,7 +364,7 @@ def _run_interleaved(rows: list[_Row], progress) -> list[dict]:
     try:
         for row in rows:
             try:
-                runner, artifact, _ = row.open(measure_memory=False)
+                runner, artifact, _ = row.open(interleaved=True)
             except Exception as exc:  # noqa: BLE001 -- recorded as the row's result
                 row.skip(exc)
                 continue

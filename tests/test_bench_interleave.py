@@ -42,3 +42,17 @@ def test_interleaved_rows_are_each_timed_and_held_against_their_fp32_row(tmp_pat
     assert rows["onnxruntime", "fp32"]["speedup_vs_fp32"] == pytest.approx(1.0)
     printed = capsys.readouterr().out
     assert "vs fp32" in printed and "interleaved repeat by repeat" in printed
+
+
+def test_runners_that_share_a_process_are_opened_as_good_neighbours(tmp_path, tiny_model):
+    """ONNX Runtime's idle threads spin after a run: timed in turn with other runners, it is opened
+    with spinning off; alone (the server, a plain rmt-bench row) with ONNX Runtime's default."""
+    from rmt_deploy.exporters.onnx_export import export_onnx
+    from rmt_deploy.runners import open_backend_runner
+    path = export_onnx(tiny_model, tmp_path / "tiny.onnx", height=SIZE, width=SIZE)
+    for shared, spinning in ((True, False), (False, True)):
+        runner, _ = open_backend_runner("onnxruntime", device="cpu", artifact=path, shared_process=shared)
+        assert runner.load().metadata().extra["intra_op_spinning"] is spinning
+        runner.close()
+    eager, _ = open_backend_runner("eager", device="cpu", make_model=lambda: tiny_model, shared_process=True)
+    assert eager.precision == "fp32"        # a backend without such options opens as always
