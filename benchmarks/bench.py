@@ -3,13 +3,14 @@ runner objects the server and the parity gate use, warm-up excluded, medians ove
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import os
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ class Settings:
     repeats: int = 3
     threads: int | None = None
     calib: Path | None = None         # INT8 calibration images (int8 rows are skipped without them)
+    interleave: bool = False          # rows differing only in precision timed in turn, repeat by repeat
 
 
 def parse_models(spec) -> list:
@@ -104,7 +106,7 @@ class _Memory:
 
 
 def open_backend(backend: str, model, precision: str, batch: int, settings: Settings, cache: ArtifactCache,
-                 onnx: str | None, engine: str | None):
+                 onnx: str | None, engine: str | None, shared_process: bool = False):
     """The runner of one row and the artifact it runs (None for the model backends): a given file (in
     its own precision: `_check_artifact` compares), else the one the backend prepares through the cache.
     Refused before any export where it cannot run."""
@@ -114,7 +116,8 @@ def open_backend(backend: str, model, precision: str, batch: int, settings: Sett
     # compiled models run as CUDA graphs on GPUs (every call comes from this thread)
     return open_backend_runner(backend, device=settings.device, precision=precision, threads=settings.threads,
                                make_model=lambda: _fresh_copy(model), artifact=given,
-                               prepare=lambda entry: entry.prepare(model, plan, cache), cuda_graphs=True)
+                               prepare=lambda entry: entry.prepare(model, plan, cache), cuda_graphs=True,
+                               shared_process=shared_process)
 
 
 def _fresh_copy(model):
@@ -147,44 +150,61 @@ def _check_artifact(runner, artifact, model, precision: str, batch: int, size: i
         raise RunnerUnavailable(f"{artifact} does not fit this row: {'; '.join(problems)}")
 
 
-def measure(runner, batch: int, settings: Settings, advance=lambda n=1: None) -> dict:
-    """Time ``runner.infer`` on one fixed random batch: per-call latencies and per-repeat throughput."""
-    feed = {INPUT_NAME: np.random.default_rng(SEED).standard_normal((batch, 3, settings.img_size, settings.img_size),
-                                                                      dtype=np.float32)}
-    finite = True
-    for _ in range(max(settings.warmup, runner.warmup_calls)):
-        outputs = runner.infer(feed)
-        finite = finite and all(np.isfinite(o).all() for o in outputs.values())
-        advance()
-    latencies, splits, throughputs = [], [], []
-    for _ in range(settings.repeats):
-        calls, start = 0, time.perf_counter()
+class _Timing:
+    """One row's timed calls on one fixed random batch: warm-up, then repeats (all at once, or one at a
+    time in turn with other rows when interleaved), then per-call latencies and per-repeat throughput."""
+
+    def __init__(self, runner, batch: int, settings: Settings, advance=lambda n=1: None):
+        self.runner, self.batch, self.settings, self.advance = runner, batch, settings, advance
+        self.feed = {INPUT_NAME: np.random.default_rng(SEED).standard_normal(
+            (batch, 3, settings.img_size, settings.img_size), dtype=np.float32)}
+        self.finite, self.latencies, self.splits, self.throughputs = True, [], [], []
+
+    def warm_up(self) -> None:
+        for _ in range(max(self.settings.warmup, self.runner.warmup_calls)):
+            outputs = self.runner.infer(self.feed)
+            self.finite = self.finite and all(np.isfinite(o).all() for o in outputs.values())
+            self.advance()
+
+    def repeat(self) -> None:
+        settings, calls, start = self.settings, 0, time.perf_counter()
         while (calls < settings.iters) if settings.iters else (time.perf_counter() - start < settings.duration):
             t0 = time.perf_counter()
-            runner.infer(feed)
-            latencies.append((time.perf_counter() - t0) * 1e3)
-            splits.append(runner.last_timing)
+            self.runner.infer(self.feed)
+            self.latencies.append((time.perf_counter() - t0) * 1e3)
+            self.splits.append(self.runner.last_timing)
             calls += 1
-            advance()
-        throughputs.append(batch * calls / (time.perf_counter() - start))
-    lat = np.asarray(latencies)
-    result = {
-        "images_per_s": statistics.median(throughputs),
-        "images_per_s_repeats": throughputs,
-        "latency_ms": {"mean": float(lat.mean()), "p50": float(np.percentile(lat, 50)),
-                       "p90": float(np.percentile(lat, 90)), "p99": float(np.percentile(lat, 99)),
-                       "min": float(lat.min()), "max": float(lat.max())},
-        "timed_calls": len(latencies),
-        "outputs_finite": bool(finite),
-    }
-    if settings.device.startswith("cuda") and all(s is not None for s in splits):
-        split = result["split_ms"] = {k: statistics.median(getattr(s, k) for s in splits)
-                                      for k in ("h2d_ms", "compute_ms", "d2h_ms")}
-        if split["h2d_ms"] > 0:     # runners that time their copies apart (not ONNX Runtime's one run call)
-            # inputs already on the device, as timm and trtexec's GPU compute time count throughput
-            # (images/s above includes each call's host copies)
-            result["device_images_per_s"] = batch * 1e3 / split["compute_ms"]
-    return result
+            self.advance()
+        self.throughputs.append(self.batch * calls / (time.perf_counter() - start))
+
+    def result(self) -> dict:
+        lat = np.asarray(self.latencies)
+        result = {
+            "images_per_s": statistics.median(self.throughputs),
+            "images_per_s_repeats": self.throughputs,
+            "latency_ms": {"mean": float(lat.mean()), "p50": float(np.percentile(lat, 50)),
+                           "p90": float(np.percentile(lat, 90)), "p99": float(np.percentile(lat, 99)),
+                           "min": float(lat.min()), "max": float(lat.max())},
+            "timed_calls": len(self.latencies),
+            "outputs_finite": bool(self.finite),
+        }
+        if self.settings.device.startswith("cuda") and all(s is not None for s in self.splits):
+            split = result["split_ms"] = {k: statistics.median(getattr(s, k) for s in self.splits)
+                                          for k in ("h2d_ms", "compute_ms", "d2h_ms")}
+            if split["h2d_ms"] > 0:     # runners that time their copies apart (not ONNX Runtime's one run call)
+                # inputs already on the device, as timm and trtexec's GPU compute time count throughput
+                # (images/s above includes each call's host copies)
+                result["device_images_per_s"] = self.batch * 1e3 / split["compute_ms"]
+        return result
+
+
+def measure(runner, batch: int, settings: Settings, advance=lambda n=1: None) -> dict:
+    """Time ``runner.infer`` on one fixed random batch: per-call latencies and per-repeat throughput."""
+    timing = _Timing(runner, batch, settings, advance)
+    timing.warm_up()
+    for _ in range(settings.repeats):
+        timing.repeat()
+    return timing.result()
 
 
 def _peaks(settings: Settings, precisions, earlier: dict | None = None) -> dict:
@@ -226,15 +246,18 @@ def run_benchmark(models, backends, precisions=("fp32",), batch_sizes=(1, 8), se
         macs = count_macs(model.config, settings.img_size, settings.img_size)["total"]
         described[model.config.name] = {"config": asdict(model.config), "checkpoint": model.checkpoint,
                                         "params": count_params(model.config), "macs_per_image": macs}
-        for precision in precisions:
+        row = functools.partial(_row, model, settings=settings, cache=cache, onnx=onnx, engine=engine, macs=macs)
+        if settings.interleave:
             for batch in batch_sizes:
                 for backend in backends:
-                    entry = {"model": model.config.name, "backend": backend, "precision": precision,
-                             "batch_size": batch, "device": settings.device, "img_size": settings.img_size}
-                    results.append(entry)
-                    entry.update(_run_one(backend, model, precision, batch, settings, cache, onnx, engine, macs,
-                                          progress))
+                    results += _run_interleaved([row(backend, precision, batch) for precision in precisions], progress)
                     gc.collect()
+        else:
+            for precision in precisions:
+                for batch in batch_sizes:
+                    for backend in backends:
+                        results.append(_run_one(row(backend, precision, batch), progress))
+                        gc.collect()
         del model
     machine["matmul_peak"] = _peaks(settings, precisions, machine["matmul_peak"])
     for r in results:
@@ -249,46 +272,130 @@ def run_benchmark(models, backends, precisions=("fp32",), batch_sizes=(1, 8), se
             "results": results}
 
 
-def _run_one(backend, model, precision, batch, settings, cache, onnx, engine, macs, progress) -> dict:
-    label = f"{model.config.name} {backend} {precision} b{batch}"
-    total = settings.warmup + (settings.repeats * settings.iters if settings.iters else 0)
-    task = progress.add_task(label + " (preparing)", total=total or None) if progress else None
+@dataclass
+class _Row:
+    """One (model, backend, precision, batch) row: what it needs to open its runner, and its result."""
+    model: object
+    backend: str
+    precision: str
+    batch: int
+    settings: Settings
+    cache: ArtifactCache
+    onnx: str | None
+    engine: str | None
+    macs: int
+    result: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.config.name} {self.backend} {self.precision} b{self.batch}"
+
+    def open(self, interleaved: bool = False):
+        """The loaded runner (checked against the row when it runs a given file), its artifact, and the
+        peak memory of its loading and running (from after the export; None when interleaved)."""
+        runner, artifact = open_backend(self.backend, self.model, self.precision, self.batch, self.settings,
+                                        self.cache, self.onnx, self.engine, shared_process=interleaved)
+        memory = None if interleaved else _Memory(self.settings.device, self.backend)
+        try:
+            runner.load()
+            if artifact is not None:
+                _check_artifact(runner, artifact, self.model, self.precision, self.batch, self.settings.img_size)
+        except BaseException:
+            runner.close()
+            raise
+        return runner, artifact, memory
+
+    def skip(self, exc: Exception) -> None:
+        failed = not isinstance(exc, RunnerUnavailable)     # a failing backend is a result to report, not a crash
+        self.result.update(skipped=f"failed: {type(exc).__name__}: {exc}" if failed else str(exc))
+
+    def record(self, timed: dict, runner, artifact, memory: "_Memory | None") -> None:
+        timed["peak_memory_mb"] = memory.peak_mb() if memory else None
+        timed["peak_memory_kind"] = memory.kind if memory else "not measured: interleaved rows share the process"
+        timed.update(runner=runner.name, artifact=str(artifact) if artifact else None, macs_per_image=self.macs,
+                     gflops=2 * self.macs * timed["images_per_s"] / 1e9,
+                     peak_fraction=None)      # set against the run's matmul peak once it is complete
+        self.result.update(timed)
+
+
+def _row(model, backend: str, precision: str, batch: int, **context) -> _Row:
+    row = _Row(model, backend, precision, batch, **context)
+    row.result.update(model=model.config.name, backend=backend, precision=precision, batch_size=batch,
+                      device=row.settings.device, img_size=row.settings.img_size)
+    return row
+
+
+def _calls_per_row(settings: Settings) -> int | None:
+    return settings.warmup + (settings.repeats * settings.iters if settings.iters else 0) or None
+
+
+def _run_one(row: _Row, progress) -> dict:
+    task = progress.add_task(row.label + " (preparing)", total=_calls_per_row(row.settings)) if progress else None
     advance = (lambda n=1: progress.advance(task, n)) if progress else (lambda n=1: None)
-    runner = None
     try:
-        runner, artifact = open_backend(backend, model, precision, batch, settings, cache, onnx, engine)
-        memory = _Memory(settings.device, backend)
-        runner.load()
-        if artifact is not None:
-            _check_artifact(runner, artifact, model, precision, batch, settings.img_size)
-        if progress:
-            progress.update(task, description=label)
-        out = measure(runner, batch, settings, advance)
-        out["peak_memory_mb"] = memory.peak_mb()
-        out["peak_memory_kind"] = memory.kind
-        out["runner"] = runner.name
-        out["artifact"] = str(artifact) if artifact else None
-    except RunnerUnavailable as exc:
-        out = {"skipped": str(exc)}
-    except Exception as exc:  # noqa: BLE001 -- a failing backend is a result to report, not a crash
-        out = {"skipped": f"failed: {type(exc).__name__}: {exc}"}
+        runner, artifact, memory = row.open()
+    except Exception as exc:  # noqa: BLE001 -- recorded as the row's result
+        row.skip(exc)
+    else:
+        try:
+            if progress:
+                progress.update(task, description=row.label)
+            row.record(measure(runner, row.batch, row.settings, advance), runner, artifact, memory)
+        except Exception as exc:  # noqa: BLE001
+            row.skip(exc)
+        finally:
+            runner.close()
+    if progress:
+        progress.remove_task(task)
+    return row.result
+
+
+def _run_interleaved(rows: list[_Row], progress) -> list[dict]:
+    """Rows that differ only in precision, measured together: all open and warm, then each repeat runs
+    every row's timed calls in turn, so a change of load on a shared machine hits them alike and their
+    ratios hold. The runners are opened as good neighbours (`Backend.shared_process_options`: ONNX
+    Runtime's idle threads would otherwise spin into the next row's time). Peak memory is not measured
+    (the runners share the process)."""
+    settings = rows[0].settings
+    calls = _calls_per_row(settings)
+    task = progress.add_task(f"{rows[0].label} ... interleaved", total=calls and calls * len(rows)) if progress else None
+    advance = (lambda n=1: progress.advance(task, n)) if progress else (lambda n=1: None)
+    running = {}
+    try:
+        for row in rows:
+            try:
+                runner, artifact, _ = row.open(interleaved=True)
+            except Exception as exc:  # noqa: BLE001 -- recorded as the row's result
+                row.skip(exc)
+                continue
+            running[id(row)] = (row, runner, artifact, _Timing(runner, row.batch, settings, advance))
+        for step in ["warm_up"] + ["repeat"] * settings.repeats:
+            for key, (row, runner, _, timing) in list(running.items()):
+                try:
+                    getattr(timing, step)()
+                except Exception as exc:  # noqa: BLE001 -- this row fails, the others go on
+                    row.skip(exc)
+                    runner.close()
+                    del running[key]
+        for row, runner, artifact, timing in running.values():
+            row.record(timing.result(), runner, artifact, None)
     finally:
-        if runner is not None:
+        for _, runner, _, _ in running.values():
             runner.close()
         if progress:
             progress.remove_task(task)
-    if "skipped" not in out:
-        out["macs_per_image"] = macs
-        out["gflops"] = 2 * macs * out["images_per_s"] / 1e9
-        out["peak_fraction"] = None       # set against the run's matmul peak once it is complete
-    return out
+    return [row.result for row in rows]
 
 
 def _speedups(results: list[dict]) -> None:
+    """Each row against the reference backend's fp32 row and against its own backend's fp32 row (the
+    gain of a precision) of the same model and batch."""
     reference = reference_backend()
-    base = {(r["model"], r["batch_size"]): r["images_per_s"] for r in results
-            if r["backend"] == reference and r["precision"] == "fp32" and "skipped" not in r}
+    fp32 = {(r["model"], r["backend"], r["batch_size"]): r["images_per_s"] for r in results
+            if r["precision"] == "fp32" and "skipped" not in r}
     for r in results:
         if "skipped" not in r:
-            ref = base.get((r["model"], r["batch_size"]))
-            r["speedup_vs_eager_fp32"] = r["images_per_s"] / ref if ref else None
+            eager = fp32.get((r["model"], reference, r["batch_size"]))
+            own = fp32.get((r["model"], r["backend"], r["batch_size"]))
+            r["speedup_vs_eager_fp32"] = r["images_per_s"] / eager if eager else None
+            r["speedup_vs_fp32"] = r["images_per_s"] / own if own else None

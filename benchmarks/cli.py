@@ -41,6 +41,9 @@ def bench_parser() -> argparse.ArgumentParser:
     timed.add_argument("--iters", type=at_least(1), help="timed calls per repeat (default 20)")
     timed.add_argument("--duration", type=at_least(0.01, float), help="seconds per repeat instead of --iters")
     parser.add_argument("--repeats", type=at_least(1), default=3, help="images/s is the median over these")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the precisions of each backend and batch in turn, repeat by repeat (fair ratios "
+                             "on a busy machine; peak memory is not measured)")
     parser.add_argument("--onnx", help="benchmark this ONNX file instead of exporting one")
     parser.add_argument("--engine", help="benchmark this TensorRT engine instead of building one")
     parser.add_argument("--csv", help="write one row per result")
@@ -82,7 +85,7 @@ def bench_main(argv: list[str]) -> int:
     args = bench_parser().parse_args(argv)
     settings = Settings(device=args.device, img_size=args.image_size, warmup=args.warmup,
                         iters=None if args.duration else (args.iters or 20), duration=args.duration,
-                        repeats=args.repeats, threads=args.threads, calib=args.calib)
+                        repeats=args.repeats, threads=args.threads, calib=args.calib, interleave=args.interleave)
     console = _console()
     with _progress(Console(stderr=True)) as progress:
         result = run_benchmark(args.model, args.backends, args.precision, args.batch_sizes, settings,

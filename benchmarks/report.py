@@ -32,7 +32,8 @@ def results_table(report: dict) -> Table:
     if cuda:
         for col in ("h2d ms", "compute ms", "d2h ms", "device img/s"):
             table.add_column(col, justify="right")
-    for col in ("peak MB", "vs eager", "GFLOP/s", "of peak"):
+    low_precision = any(r["precision"] != "fp32" for r in rows)
+    for col in ("peak MB", "vs eager", *(("vs fp32",) if low_precision else ()), "GFLOP/s", "of peak"):
         table.add_column(col, justify="right")
     for r in rows:
         head = [r["model"], r["backend"], r["precision"], str(r["batch_size"])]
@@ -46,20 +47,28 @@ def results_table(report: dict) -> Table:
             split = r.get("split_ms", {})
             cells += [_f(split.get(k), ".2f") for k in ("h2d_ms", "compute_ms", "d2h_ms")]
             cells.append(_f(r.get("device_images_per_s")))
-        cells += [_f(r["peak_memory_mb"], ".0f"), _f(r["speedup_vs_eager_fp32"], ".2f") + ("x" if r["speedup_vs_eager_fp32"] else ""),
-                  _f(r["gflops"]), ("-" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.0f}%")]
+        cells += [_f(r["peak_memory_mb"], ".0f"), _ratio(r["speedup_vs_eager_fp32"])]
+        if low_precision:
+            cells.append(_ratio(r.get("speedup_vs_fp32")))
+        cells += [_f(r["gflops"]), ("-" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.0f}%")]
         table.add_row(*cells)
     peaks = ", ".join(f"{p}: {v['gflops']:.1f} {'GOP/s' if p == 'int8' else 'GFLOP/s'} ({v['size']}^3 "
                       f"{v.get('library', 'torch')} GEMM, best over the libraries and sizes, {len(v.get('samples_gflops', [1]))} "
                       f"measurement(s) in this run)"
                       if "gflops" in v else f"{p}: {v['error']}" for p, v in report["machine"]["matmul_peak"].items())
     load = report["machine"].get("loadavg_start")
-    table.caption = (f"Warm-up excluded; images/s = median over {report['settings']['repeats']} repeats; "
+    interleaved = ("the precisions of each backend and batch interleaved repeat by repeat (vs fp32 = their ratio); "
+                   if report["settings"].get("interleave") else "")
+    table.caption = (f"Warm-up excluded; images/s = median over {report['settings']['repeats']} repeats; " + interleaved
                      + (f"1-min load average {load[0]:.1f} at start on {report['machine']['logical_cpus']} CPUs; " if load else "")
                      + f"GFLOP/s = 2 x counted multiply-adds x images/s; measured matmul peak {peaks}"
                      + ("; CUDA splits are medians timed with CUDA events, device img/s = batch / compute ms "
                         "(inputs already on the GPU)" if cuda else ""))
     return table
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def paper_table(report: dict) -> list[dict]:
@@ -132,7 +141,7 @@ def write_json(report: dict, path: str | Path) -> None:
 CSV_FIELDS = ["model", "backend", "precision", "batch_size", "device", "img_size", "images_per_s", "latency_mean_ms",
               "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "h2d_ms", "compute_ms", "d2h_ms",
               "device_images_per_s", "peak_memory_mb",
-              "speedup_vs_eager_fp32", "gflops", "peak_fraction", "skipped"]
+              "speedup_vs_eager_fp32", "speedup_vs_fp32", "gflops", "peak_fraction", "skipped"]
 
 
 def write_csv(report: dict, path: str | Path) -> None:

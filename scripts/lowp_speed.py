@@ -1,6 +1,8 @@
-"""Interleaved CPU speed of low-precision artifacts against float32 (until rmt-bench takes
---precision int8 --calib DIR): OpenVINO fp32 / bf16 / int8 and ONNX Runtime fp32 / int8 of one model.
-Per backend, each round runs every runner once in turn; medians and ratios printed as JSON.
+"""Interleaved CPU speed of low-precision artifacts against float32, with the variants behind the
+design choices that rmt-bench does not offer (`rmt-bench --interleave` times what it ships): OpenVINO
+fp32 / bf16 (attention on the kernel's bf16 variant, the float32 kernel, or OpenVINO's own) / int8
+(float layers bf16 or float32) and ONNX Runtime fp32 / int8 of one model. Per backend, each round runs
+every runner once in turn; medians and ratios printed as JSON.
 
     .venv/bin/python scripts/lowp_speed.py --model rmt_t --image-size 224 --batch-size 8 \
         --calib ../shared/fixtures/calib --rounds 15 --cache-dir /tmp/lowp
@@ -37,9 +39,21 @@ def artifacts(args) -> dict[str, Path]:
     paths = {"fp32": fp32, "ort_int8": Path(f"{stem}-int8.onnx"), "ov_int8": Path(f"{stem}-int8.xml")}
     if not paths["ort_int8"].is_file():
         q.quantize_onnxruntime(fp32, paths["ort_int8"], images, calibration=q.calibration_tag(args.calib))
-    if "openvino" in args.backends and not paths["ov_int8"].is_file():
+    if OpenVINORunner.backend in args.backends and not paths["ov_int8"].is_file():
         q.quantize_openvino(fp32, paths["ov_int8"], images, calibration=q.calibration_tag(args.calib))
     return paths
+
+
+def _float32_kernel_in_bf16(path: Path, threads: int | None) -> OpenVINORunner:
+    """A bf16 runner whose attention runs on the kernel's float32 variant (as before the bf16 one existed)."""
+    from rmt_deploy.runners import small_attention
+    real = small_attention.kernel_unavailable_reason
+    small_attention.kernel_unavailable_reason = lambda precision="f32": (
+        "left out for the comparison" if precision == "bf16" else real(precision))
+    try:
+        return OpenVINORunner(path, threads=threads, precision="bf16").load()
+    finally:
+        small_attention.kernel_unavailable_reason = real
 
 
 def runner_groups(paths: dict[str, Path], threads: int | None) -> dict[str, dict]:
@@ -50,9 +64,10 @@ def runner_groups(paths: dict[str, Path], threads: int | None) -> dict[str, dict
                 "openvino bf16": lambda: OpenVINORunner(paths["fp32"], threads=threads, precision="bf16"),
                 "openvino bf16, OpenVINO's bf16 attention": lambda: OpenVINORunner(
                     paths["fp32"], threads=threads, precision="bf16", bf16_attention_kernel=False),
+                "openvino bf16, float32 attention kernel": lambda: _float32_kernel_in_bf16(paths["fp32"], threads),
                 "openvino int8": lambda: OpenVINORunner(paths["ov_int8"], threads=threads),
-                "openvino int8 + bf16 float layers": lambda: OpenVINORunner(paths["ov_int8"], threads=threads,
-                                                                            precision="bf16")},
+                "openvino int8, float layers f32": lambda: OpenVINORunner(paths["ov_int8"], threads=threads,
+                                                                          int8_float_layers="f32")},
             # spinning off: after its run each idle session's threads would spin on the 2 cores while the
             # other session runs, and slow both (docs/precision.md)
             OnnxRuntimeRunner.backend: {
@@ -90,7 +105,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--cache-dir", default=".rmt_cache/lowp")
-    parser.add_argument("--backends", default="openvino,onnxruntime", help="comma list of the groups to time")
+    parser.add_argument("--backends", default=f"{OpenVINORunner.backend},{OnnxRuntimeRunner.backend}",
+                        help="comma list of the groups to time")
     args = parser.parse_args()
     x = {"images": np.random.default_rng(0).standard_normal((args.batch_size, 3, args.image_size, args.image_size),
                                                               dtype=np.float32)}

@@ -159,13 +159,18 @@ def test_openvino_nncf_int8_ir_passes_the_gate(openvino_int8_ir):
     from rmt_deploy.runners.openvino import OpenVINORunner
     path = openvino_int8_ir
     assert path.with_suffix(".bin").is_file()
-    candidate = OpenVINORunner(path).load()
+    candidate = OpenVINORunner(path, int8_float_layers="f32").load()
     meta = candidate.metadata().extra
     assert candidate.precision == "int8" and meta["inference_precision"] == "f32"
     assert meta["rmt.graph_rewrites"] == "applied by the runner at load" and meta["attention_nan_guards_removed"] == "9"
     import openvino as ov
-    ir_ops = [op.get_type_name() for op in ov.Core().read_model(str(path)).get_ops()]
-    assert ir_ops.count("FakeQuantize") >= 60 and "ScaledDotProductAttention" in ir_ops
+    ops = ov.Core().read_model(str(path)).get_ops()
+    ir_ops = [op.get_type_name() for op in ops]
+    assert ir_ops.count("FakeQuantize") >= 30 and "ScaledDotProductAttention" in ir_ops
+    # depthwise convolutions stay float (the CPU plugin runs them in float anyway): no FakeQuantize feeds one
+    assert "GroupConvolution" in ir_ops and not any(
+        op.get_type_name() == "GroupConvolution" and op.input_value(0).get_node().get_type_name() == "FakeQuantize"
+        for op in ops)
     for report in _gate(candidate):
         assert report.passed, report.text()
 
@@ -174,11 +179,27 @@ def test_openvino_nncf_int8_ir_passes_the_gate(openvino_int8_ir):
 @pytest.mark.skipif(bool(get_backend("openvino").unavailable_reason("cpu", "bf16")),
                     reason=str(get_backend("openvino").unavailable_reason("cpu", "bf16")))
 def test_openvino_int8_ir_with_bf16_float_layers_passes_the_int8_gate(openvino_int8_ir):
+    """On a CPU with native bf16 an INT8 IR computes its float layers in bf16 unless told otherwise."""
     from rmt_deploy.runners.openvino import OpenVINORunner
-    candidate = OpenVINORunner(openvino_int8_ir, precision="bf16").load()
-    assert candidate.precision == "int8" and candidate.metadata().extra["inference_precision"] == "bf16"
+    candidate = OpenVINORunner(openvino_int8_ir).load()
+    meta = candidate.metadata().extra
+    assert candidate.precision == "int8" and meta["inference_precision"] == "bf16"
+    assert meta["small_head_attention"] == "9 (bfloat16 variant)"
+    assert OpenVINORunner(openvino_int8_ir, precision="bf16", int8_float_layers="f32").int8_float_layers == "bf16"
     for report in _gate(candidate):
         assert report.passed, report.text()
+
+
+def test_openvino_int8_float_layers_stay_float32_where_the_cpu_lacks_bf16(openvino_int8_ir, monkeypatch):
+    pytest.importorskip("openvino")
+    from rmt_deploy.runners import RunnerUnavailable, registry
+    from rmt_deploy.runners.openvino import OpenVINORunner
+    monkeypatch.setattr(registry, "cpu_flags", lambda: {"avx2", "avx512_vnni"})     # VNNI, no bf16
+    assert OpenVINORunner(openvino_int8_ir).int8_float_layers == "f32"
+    with pytest.raises(RunnerUnavailable, match="AVX512_BF16/AMX"):
+        OpenVINORunner(openvino_int8_ir, int8_float_layers="bf16")
+    with pytest.raises(ValueError, match="int8_float_layers must be"):
+        OpenVINORunner(openvino_int8_ir, int8_float_layers="fp16")
 
 
 @int8_here

@@ -100,8 +100,8 @@ class OnnxRuntimeRunner(Runner):
         super().close()
 
 
-def _open(*, model, artifact, device, precision, threads) -> OnnxRuntimeRunner:
-    return OnnxRuntimeRunner(artifact, device=device, threads=threads, precision=precision)
+def _open(*, model, artifact, device, precision, threads, spinning: bool = True) -> OnnxRuntimeRunner:
+    return OnnxRuntimeRunner(artifact, device=device, threads=threads, precision=precision, spinning=spinning)
 
 
 def prepare_onnx(model, plan, cache) -> Path:
@@ -119,4 +119,5 @@ def quantize_qdq(fp32_onnx: Path, out_path: Path, images, *, calibration: str = 
 
 ONNXRUNTIME = register(Backend("onnxruntime", "onnx", {"cpu": ("fp32", "fp16", "int8"), "cuda": ("fp32", "fp16", "int8")},
                                _open, unavailable_reason, prepare_onnx, platform="onnxruntime_onnx",
-                               title="ONNX Runtime", packages=("onnxruntime", "onnxruntime-gpu"), quantizer=quantize_qdq))
+                               title="ONNX Runtime", packages=("onnxruntime", "onnxruntime-gpu"), quantizer=quantize_qdq,
+                               options=("spinning",), shared_process_options={"spinning": False}))

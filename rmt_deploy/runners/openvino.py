@@ -7,9 +7,10 @@ plugin would otherwise silently compute in bfloat16), and the latency hint (one 
 every core), which is what one call at a time (the benchmark, the server's batcher) measures.
 Before compiling, three output-preserving rewrites (`openvino_graph`): the NaN guards the ONNX reader adds after
 attention are dropped where a finite mask makes them the identity (`drop_attention_nan_guards`), the
-rotary shifts take the form the plugin fuses into RoPE kernels (`rotary_as_rope`), and float32 attention
+rotary shifts take the form the plugin fuses into RoPE kernels (`rotary_as_rope`), and attention
 within `small_attention`'s limits (every RMT one at 224 px) runs on its kernel, a C++ extension
-operation, where it builds (`use_small_head_attention`).
+operation, where it builds (`use_small_head_attention`): its float32 variant in a float32 graph, its
+bfloat16 one in a bf16 graph.
 """
 from __future__ import annotations
 
@@ -56,40 +57,52 @@ def _onnx_metadata(model) -> dict[str, str]:
     return {key: props[key].astype(str) for key in props.keys()}
 
 
-def _small_head_attention(model, compute: str) -> str:
-    """How many attention nodes now run on the small-head kernel, or why none do."""
+def _small_head_attention(model, compute: str, kernel_in_bf16: bool) -> str:
+    """How many attention nodes now run on the small-head kernel (and in which precision), or why none do.
+    In a bf16 graph the kernel's bfloat16 variant runs (its float32 one where this build has none)."""
     if reason := small_attention.kernel_unavailable_reason():
         return reason
-    if compute == "bf16":
+    if compute == "bf16" and not kernel_in_bf16:
         return "off in bf16: OpenVINO's own bf16 attention was asked for (bf16_attention_kernel=False)"
-    if compute != "f32":
-        return "the small-head attention kernel computes in float32 only"
+    if compute not in ("f32", "bf16"):
+        return "the small-head attention kernel computes in float32 or bfloat16 only"
+    missing = compute == "bf16" and small_attention.kernel_unavailable_reason("bf16")
     try:
-        return str(use_small_head_attention(model))
+        replaced = use_small_head_attention(model, "f32" if missing else compute)
     except RuntimeError as exc:     # this OpenVINO would not load the built extension: its own attention runs
         return f"the small-head attention extension did not load: {str(exc).strip()[:300]}"
+    if compute == "f32":
+        return str(replaced)
+    return f"{replaced} (float32 variant inside bf16: {missing})" if missing else f"{replaced} (bfloat16 variant)"
 
 
 class OpenVINORunner(Runner):
     backend = "openvino"
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, precision: str | None = None,
-                 bf16_attention_kernel: bool = True):
+                 bf16_attention_kernel: bool = True, int8_float_layers: str | None = None):
         """``path``: an ONNX file or an OpenVINO IR (.xml, e.g. NNCF's INT8). ``precision`` "bf16" computes
         in bfloat16 (the CPU must have AVX512_BF16 or AMX); otherwise (None) the file's own precision runs
-        (float32 for fp32 and int8 files, never bfloat16 behind the user's back); "bf16" with an INT8 IR
-        computes the layers left float in bfloat16.
-        ``bf16_attention_kernel``: in bf16, attention stays on the float32 small-head kernel (as fast as
-        OpenVINO's own bf16 attention within the noise, and more precise); False lets OpenVINO's run."""
+        (float32 for an fp32 file: never bfloat16 behind the user's back).
+        ``int8_float_layers``: what an INT8 IR computes its unquantized layers (attention, LayerNorm,
+        GELU, depthwise convolutions) in: "bf16" or "f32"; None takes bf16 where the CPU computes it
+        natively (AVX512_BF16 / AMX), as OpenVINO itself does on AMX CPUs, else f32. An INT8 IR opened
+        with ``precision="bf16"`` takes bf16. The gate and the server hold the artifact as it runs.
+        ``bf16_attention_kernel``: in bf16, attention runs on the small-head kernel's bfloat16 variant
+        (faster than OpenVINO's own bf16 attention, docs/precision.md); False lets OpenVINO's run."""
         super().__init__()
         self.path, self.device, self.threads, self.precision = Path(path), device, threads, precision or "fp32"
         if not self.path.is_file():
             raise FileNotFoundError(f"model file not found: {self.path}")
         if device != "cpu":
             raise RunnerUnavailable(unavailable_reason(device))
-        if precision == "bf16" and (reason := cpu_precision_reason("bf16")):
+        if int8_float_layers not in (None, "f32", "bf16"):
+            raise ValueError(f"int8_float_layers must be 'f32', 'bf16' or None, not {int8_float_layers!r}")
+        if "bf16" in (precision, int8_float_layers) and (reason := cpu_precision_reason("bf16")):
             raise RunnerUnavailable(reason)
         self.requested_precision, self.bf16_attention_kernel = precision, bf16_attention_kernel
+        self.int8_float_layers = "bf16" if precision == "bf16" else int8_float_layers or (
+            "f32" if cpu_precision_reason("bf16") else "bf16")
         self.compiled = None
         self._lock = threading.Lock()      # one infer request, shared by the server's worker threads
 
@@ -101,10 +114,7 @@ class OpenVINORunner(Runner):
         self.precision, compute = self._precisions(model, core)
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": compute}
         guards, rotaries = drop_attention_nan_guards(model), rotary_as_rope(model)
-        kernel = _small_head_attention(model, "f32" if self.bf16_attention_kernel else compute)
-        if compute == "bf16" and self.bf16_attention_kernel and kernel.isdigit():
-            kernel += (" (attention stays float32 inside bf16: as fast as OpenVINO's bf16 attention within the "
-                       "measurements' noise, docs/precision.md, and more precise)")
+        kernel = _small_head_attention(model, compute, self.bf16_attention_kernel)
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
         self.compiled = core.compile_model(model, "CPU", config)
@@ -118,8 +128,8 @@ class OpenVINORunner(Runner):
         """(the runner's precision, the plugin's inference precision). An FP16 file computes in FP16
         where the CPU has FP16 arithmetic (AVX512-FP16, AMX-FP16), float32 everywhere else."""
         import openvino as ov
-        if self._metadata.get("rmt.precision") == "int8":     # the layers NNCF left float: bf16 only if asked
-            return "int8", "bf16" if self.requested_precision == "bf16" else "f32"
+        if self._metadata.get("rmt.precision") == "int8":
+            return "int8", self.int8_float_layers
         if self.requested_precision == "int8":
             raise ValueError(f"{self.path} is not an INT8 artifact: quantize it first (rmt_deploy.quantize)")
         if self.requested_precision == "bf16":

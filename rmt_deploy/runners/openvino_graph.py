@@ -134,11 +134,12 @@ def _order(transpose) -> list[int] | None:
     return None if order is None else order.reshape(-1).tolist()
 
 
-def use_small_head_attention(model) -> int:
+def use_small_head_attention(model, compute: str = "f32") -> int:
     """Replace each attention within the small-head kernel's limits (`small_attention.fits`) with the
     kernel's operation, wired straight to the 3-D tensors on either side (the split-heads transposes
     around it go too); returns how many it replaced. Runs after `drop_attention_nan_guards`: only
-    attention with a finite mask and no guard left is replaced."""
+    attention with a finite mask and no guard left is replaced. ``compute`` "bf16" runs the kernel's
+    bfloat16 variant between conversions the bf16 plugin finds already done (its tensors are bfloat16)."""
     factory = _small_head_attention_factory()
     import openvino.opset13 as ops
     replaced = 0
@@ -159,9 +160,12 @@ def use_small_head_attention(model) -> int:
                 or list(merged.get_output_partial_shape(0).to_shape()) != [batch, seq, heads * dim]):
             continue
         masks = small_attention.mask_period(mask.astype(np.float32).reshape(-1, seq, seq))
+        if compute == "bf16":
+            sources = [ops.convert(source, "bf16").output(0) for source in sources]
         kernel = factory.create("SmallHeadAttention", [*sources, ops.constant(masks).output(0)],
                                 {"heads": heads, "scale": float(scale)})
+        result = ops.convert(kernel, "f32") if compute == "bf16" else kernel
         for target in merged.output(0).get_target_inputs():
-            target.replace_source_output(kernel.output(0))
+            target.replace_source_output(result.output(0))
         replaced += 1
     return replaced

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifact import check_precision
@@ -70,6 +70,9 @@ class Backend:
     title: str = ""                                 # the library's own name, for messages
     packages: tuple[str, ...] = ()                  # pip distributions it runs on (versions in reports)
     options: tuple[str, ...] = ()                   # extra keyword options `open` passes on
+    # options of a runner timed in turn with others in one process (rmt-bench --interleave), so that
+    # it takes no CPU from them between its own calls
+    shared_process_options: Mapping[str, object] = field(default_factory=dict)
     quantizer: Callable[..., Path] | None = None
     int8_suffix: str = ".onnx"                      # the INT8 file's suffix (an OpenVINO IR: ".xml")
 
@@ -190,25 +193,28 @@ class BackendRefused(RunnerUnavailable):
 def open_backend_runner(name: str, *, device: str, precision: str | None = None, threads: int | None = None,
                         make_model: Callable[[], object] | None = None, artifact: str | os.PathLike | None = None,
                         prepare: Callable[[Backend], Path] | None = None, given_in_own_precision: bool = True,
-                        **model_options) -> tuple[Runner, Path | None]:
+                        shared_process: bool = False, **model_options) -> tuple[Runner, Path | None]:
     """The one way the tools open a runner (built, not loaded), with the file it runs (None for a model).
     A backend that cannot run ``precision`` (None: fp32) on ``device`` is refused with the registry's
     reason (`BackendRefused`) before any model is built or file exported. A model backend runs
     ``make_model()`` with ``model_options``; a file backend runs ``artifact``, or, when none is given,
     the file ``prepare(entry)`` exports or builds, opened at ``precision``. A given file opens in its own
     precision (the caller compares it with ``precision`` in its own words), or at ``precision`` when not
-    ``given_in_own_precision`` (OpenVINO computes an fp32 file in bf16)."""
+    ``given_in_own_precision`` (OpenVINO computes an fp32 file in bf16). ``shared_process``: the runner
+    will be timed in turn with others in this process (the entry's ``shared_process_options``)."""
     entry = get_backend(name)
     if reason := entry.unavailable_reason(device, precision or "fp32"):
         raise BackendRefused(reason)
+    neighbourly = dict(entry.shared_process_options) if shared_process else {}
     if entry.artifact == "model":
         model = make_model() if make_model is not None else None
-        return entry.open(model=model, device=device, precision=precision, threads=threads, **model_options), None
+        return entry.open(model=model, device=device, precision=precision, threads=threads, **model_options,
+                          **neighbourly), None
     if artifact is not None:
         path, at = Path(artifact), None if given_in_own_precision else precision
     else:
         path, at = prepare(entry) if prepare is not None else None, precision
-    return entry.open(artifact=path, device=device, precision=at, threads=threads), path
+    return entry.open(artifact=path, device=device, precision=at, threads=threads, **neighbourly), path
 
 
 def backends_for(artifact: str) -> tuple[str, ...]:

@@ -10,7 +10,9 @@ library is an OpenVINO extension: its ``SmallHeadAttention`` operation runs the 
 CPU plugin's graph, with no Python between nodes. It is compiled on first use with the machine's C++
 compiler for its own CPU (``-march=native``, AVX-512F) against the headers and libraries in the
 openvino package, and cached; where that fails (no compiler, no AVX-512, no OpenVINO)
-`kernel_unavailable_reason` says why and OpenVINO's own kernel runs instead.
+`kernel_unavailable_reason` says why and OpenVINO's own kernel runs instead. Where the CPU has
+AVX512_BF16 the library also has a bfloat16 variant (bf16 tensors in and out, float32 softmax), which
+bf16 graphs run; `kernel_unavailable_reason("bf16")` says whether it is there.
 ``RMT_SMALL_ATTENTION=0`` turns it off.
 """
 from __future__ import annotations
@@ -81,8 +83,11 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library_path()))
     lib.rmt_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_float]
     lib.rmt_attention.restype = ctypes.c_int
+    lib.rmt_attention_bf16.argtypes = lib.rmt_attention.argtypes
+    lib.rmt_attention_bf16.restype = ctypes.c_int
     lib.rmt_attention_fits.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.rmt_attention_fits.restype = ctypes.c_int
+    lib.rmt_attention_has_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -104,8 +109,19 @@ def mask_period(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
-def kernel_unavailable_reason() -> str | None:
-    return _build()[1]
+def kernel_unavailable_reason(precision: str = "f32") -> str | None:
+    """Why the kernel cannot compute in ``precision`` ("f32" or "bf16") here, or None."""
+    if reason := _build()[1]:
+        return reason
+    if precision == "bf16" and not _load().rmt_attention_has_bf16():
+        return "the small-head attention kernel was built without its bf16 variant (this CPU has no AVX512_BF16)"
+    return None
+
+
+def _bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 rounded to bfloat16 (to nearest, ties to even), as the raw 16-bit patterns."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def library_path() -> Path:
@@ -118,26 +134,38 @@ def library_path() -> Path:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, heads: int, scale: float = 1.0,
-              out: np.ndarray | None = None) -> np.ndarray:
+              out: np.ndarray | None = None, precision: str = "f32") -> np.ndarray:
     """The kernel's test seam: softmax(q k^T * scale + mask) v per head, on (batch, seq, heads * dim)
     float32 arrays; ``mask`` is (m, seq, seq) with m dividing heads, head h taking mask h % m. The
     runner never calls it: the OpenVINO runner runs the same C++ code as a graph node
-    (`openvino_graph.use_small_head_attention`); this entry checks that code against numpy directly."""
+    (`openvino_graph.use_small_head_attention`); this entry checks that code against numpy directly.
+    ``precision`` "bf16" runs the bfloat16 variant on q, k, v rounded to bfloat16 and returns its
+    bfloat16 result widened to float32."""
     lib = _load()
     batch, seq, channels = q.shape
     if k.shape != q.shape or v.shape != q.shape or channels % heads or mask.shape[-2:] != (seq, seq):
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must be one (batch, seq, heads * dim) shape, with "
                          f"{heads} heads dividing its last dim, and mask {mask.shape} (m, seq, seq)")
-    dim = channels // heads
-    arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v)]
-    mask = np.ascontiguousarray(mask, dtype=np.float32).reshape(-1, seq, seq)
-    if out is None:
-        out = np.empty_like(arrays[0])
-    elif out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+    if out is not None and (out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous):
         raise ValueError(f"out must be a C-contiguous float32 array of shape {q.shape}")
-    status = lib.rmt_attention(*(a.ctypes.data for a in arrays), mask.ctypes.data, out.ctypes.data, batch, seq,
-                               heads, dim, mask.shape[0], scale)
+    if precision == "bf16" and (reason := kernel_unavailable_reason("bf16")):
+        raise RuntimeError(reason)
+    dim = channels // heads
+    mask = np.ascontiguousarray(mask, dtype=np.float32).reshape(-1, seq, seq)
+    if precision == "bf16":     # raw bfloat16 bits in and out
+        arrays, call = [_bf16_bits(a) for a in (q, k, v)], lib.rmt_attention_bf16
+    else:
+        arrays, call = [np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v)], lib.rmt_attention
+    result = np.empty_like(arrays[0]) if precision == "bf16" or out is None else out
+    status = call(*(a.ctypes.data for a in arrays), mask.ctypes.data, result.ctypes.data, batch, seq, heads, dim,
+                  mask.shape[0], scale)
     if status != 0:
         raise ValueError(f"small-head attention does not take seq {seq}, head dim {dim}, {mask.shape[0]} masks for "
                          f"{heads} heads (see `fits`; the mask count must divide the heads)")
+    if precision != "bf16":
+        return result
+    widened = (result.astype(np.uint32) << 16).view(np.float32)
+    if out is None:
+        return widened
+    out[...] = widened
     return out

@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 
 #define MAX_SEQ 256
 #define MAX_DIM 64
@@ -177,6 +178,206 @@ static void run(const job_t *j, long first, long last) {
     }
 }
 
+#ifdef __AVX512BF16__
+/* The bfloat16 variant: q, k, v and out are bfloat16 (the tensors a bf16 graph already holds, so no
+   conversions surround the node), mask float32. Scores and values go through AVX512_BF16 dot
+   products (two products per lane and instruction, twice float32's rate) into float32 accumulators;
+   softmax stays float32, and only the probabilities are rounded to bfloat16 before weighing the
+   values. Keys are packed as pairs of head dimensions, values as pairs of keys: the operand layouts
+   vdpbf16ps multiplies pairwise. */
+struct job_bf16_t {
+    const uint16_t *q, *k, *v;
+    const float *mask;
+    uint16_t *out;
+    int seq, heads, dim, mask_heads;
+    float scale;
+};
+
+template <int G, int D>
+static inline __attribute__((always_inline)) void score_block_bf16(const uint32_t *const *qr, const float *const *mr,
+                                                                   const uint32_t *kt, int lp, int c, int L, float scale,
+                                                                   float (*p)[MAX_SEQ], __m512 *mx) {
+    __m512 s[ROWS][G];
+    for (int r = 0; r < ROWS; ++r)
+        for (int g = 0; g < G; ++g) s[r][g] = _mm512_setzero_ps();
+    for (int d = 0; d < D / 2; ++d) {
+        __m512bh kv[G];
+        for (int g = 0; g < G; ++g) kv[g] = (__m512bh)_mm512_load_si512(kt + d * lp + 16 * (c + g));
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)qr[r][d]);
+            for (int g = 0; g < G; ++g) s[r][g] = _mm512_dpbf16_ps(s[r][g], a, kv[g]);
+        }
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int g = 0; g < G; ++g) {
+        const int n = 16 * (c + g);
+        const __mmask16 keep = n + 16 <= L ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - n)) - 1);
+        for (int r = 0; r < ROWS; ++r) {
+            const __m512 bias = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), keep, mr[r] + n);
+            const __m512 v = _mm512_fmadd_ps(s[r][g], sc, bias);
+            _mm512_store_ps(p[r] + n, v);
+            mx[r] = _mm512_max_ps(mx[r], v);
+        }
+    }
+}
+
+/* Output rows for R rows from bfloat16 probabilities pw (pairs of keys per 32-bit word) and the
+   values packed as pairs of keys (vt: word (m, d) = v[2m][d], v[2m + 1][d]). */
+template <int R, int D>
+static inline __attribute__((always_inline)) void weigh_values_bf16(const uint32_t (*pw)[MAX_SEQ / 2],
+                                                                    const uint32_t *vt, int pairs, const float *inv,
+                                                                    uint16_t *const *orow) {
+    constexpr int V = D / 16, U = R * V >= 8 ? 1 : 2;
+    __m512 acc[U][R][V];
+    for (int u = 0; u < U; ++u)
+        for (int r = 0; r < R; ++r)
+            for (int x = 0; x < V; ++x) acc[u][r][x] = _mm512_setzero_ps();
+    int m = 0;
+    for (; m + U <= pairs; m += U)
+        for (int u = 0; u < U; ++u) {
+            __m512bh vn[V];
+            for (int x = 0; x < V; ++x) vn[x] = (__m512bh)_mm512_load_si512(vt + (size_t)(m + u) * D + 16 * x);
+            for (int r = 0; r < R; ++r) {
+                const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pw[r][m + u]);
+                for (int x = 0; x < V; ++x) acc[u][r][x] = _mm512_dpbf16_ps(acc[u][r][x], w, vn[x]);
+            }
+        }
+    for (; m < pairs; ++m) {
+        __m512bh vn[V];
+        for (int x = 0; x < V; ++x) vn[x] = (__m512bh)_mm512_load_si512(vt + (size_t)m * D + 16 * x);
+        for (int r = 0; r < R; ++r) {
+            const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pw[r][m]);
+            for (int x = 0; x < V; ++x) acc[0][r][x] = _mm512_dpbf16_ps(acc[0][r][x], w, vn[x]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int x = 0; x < V; ++x) {
+            __m512 a = acc[0][r][x];
+            for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][r][x]);
+            const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(a, _mm512_set1_ps(inv[r])));
+            _mm256_storeu_si256((__m256i *)(orow[r] + 16 * x), (__m256i)o);
+        }
+}
+
+/* Keys as pairs of head dimensions (kt: word (d, n) = k[n][2d], k[n][2d + 1], zero past the last
+   key) and values as pairs of keys (zero past the last key), for one (batch, head). */
+template <int D>
+static inline void pack_bf16(const uint16_t *kb, const uint16_t *vb, int L, int C, int lp, uint32_t *kt, uint32_t *vt) {
+    const __m512i stride = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(C / 2));
+    for (int n = 0; n < lp; n += 16) {
+        const __mmask16 keep = n + 16 <= L ? (__mmask16)0xFFFF : n < L ? (__mmask16)((1u << (L - n)) - 1) : 0;
+        for (int d = 0; d < D / 2; ++d)
+            _mm512_store_si512(kt + d * lp + n, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), keep, stride,
+                                                                            (const int *)(kb + (size_t)n * C) + d, 4));
+    }
+    /* word i of a pair holds (first key, second key) of dimension i: even lanes from the first 16, odd from the next */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int m = 0; 2 * m < L; ++m)
+        for (int x = 0; x < D / 16; ++x) {
+            const __m256i first = _mm256_loadu_si256((const __m256i *)(vb + (size_t)(2 * m) * C + 16 * x));
+            const __m256i second = 2 * m + 1 < L ? _mm256_loadu_si256((const __m256i *)(vb + (size_t)(2 * m + 1) * C + 16 * x))
+                                                 : _mm256_setzero_si256();
+            const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
+            _mm512_store_si512(vt + (size_t)m * D + 16 * x, _mm512_permutexvar_epi16(interleave, both));
+        }
+}
+
+/* e^x for x <= 0 to bfloat16's precision (the probabilities are rounded to it): a degree-4 polynomial,
+   relative error below 1e-4, against the float32 variant's degree 6 */
+static inline __m512 exp512_bf16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147181f), x);
+    __m512 p = _mm512_set1_ps(1.0f / 24);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Scores of ROWS rows against every key vector, in blocks of CHUNK vectors. */
+template <int D>
+static inline __attribute__((always_inline)) void scores_bf16(const uint32_t *const *qr, const float *const *mr,
+                                                              const uint32_t *kt, int lp, int nv, int L, float scale,
+                                                              float (*p)[MAX_SEQ], __m512 *mx) {
+    int c = 0;
+    for (; c + CHUNK <= nv; c += CHUNK) score_block_bf16<CHUNK, D>(qr, mr, kt, lp, c, L, scale, p, mx);
+    switch (nv - c) {
+        case 1: score_block_bf16<1, D>(qr, mr, kt, lp, c, L, scale, p, mx); break;
+        case 2: score_block_bf16<2, D>(qr, mr, kt, lp, c, L, scale, p, mx); break;
+        case 3: score_block_bf16<3, D>(qr, mr, kt, lp, c, L, scale, p, mx); break;
+    }
+}
+
+/* R query rows from row i: scores (ROWS at a time), softmax in float32, probabilities to bfloat16 key
+   pairs, then the values weighed for all R rows together (more rows share each loaded value pair). */
+template <int R, int D>
+static inline void rows_bf16(const job_bf16_t *j, int i, const uint16_t *qb, const float *mb, uint16_t *ob,
+                             const uint32_t *kt, const uint32_t *vt) {
+    const int L = j->seq, C = j->heads * D, nv = (L + 15) / 16, lp = nv * 16;
+    float p[R][MAX_SEQ] __attribute__((aligned(64)));
+    uint32_t pw[R][MAX_SEQ / 2] __attribute__((aligned(64)));
+    const uint32_t *qr[R];
+    const float *mr[R];
+    uint16_t *orow[R];
+    for (int r = 0; r < R; ++r) {     /* past the last row: repeat it (same result, same place) */
+        const int row = i + r < L ? i + r : L - 1;
+        qr[r] = (const uint32_t *)(qb + (size_t)row * C), mr[r] = mb + (size_t)row * L, orow[r] = ob + (size_t)row * C;
+    }
+    __m512 mx[R];
+    for (int r = 0; r < R; ++r) mx[r] = _mm512_set1_ps(-INFINITY);
+    for (int r = 0; r < R; r += ROWS) scores_bf16<D>(qr + r, mr + r, kt, lp, nv, L, j->scale, p + r, mx + r);
+    float inv[R];
+    for (int r = 0; r < R; ++r) {
+        const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
+        __m512 sum = _mm512_setzero_ps(), previous = _mm512_setzero_ps();
+        for (int x = 0; x < nv; ++x) {
+            const __m512 e = exp512_bf16(_mm512_sub_ps(_mm512_load_ps(p[r] + 16 * x), top));
+            sum = _mm512_add_ps(sum, e);
+            if (x % 2)      /* two blocks of 16 probabilities make 16 words of key pairs */
+                _mm512_store_si512(pw[r] + 16 * (x / 2), (__m512i)_mm512_cvtne2ps_pbh(e, previous));
+            previous = e;
+        }
+        if (nv % 2)
+            _mm512_store_si512(pw[r] + 16 * (nv / 2), (__m512i)_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), previous));
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    weigh_values_bf16<R, D>(pw, vt, (L + 1) / 2, inv, orow);
+}
+
+template <int D>
+static void head_bf16(const job_bf16_t *j, const uint16_t *qb, const uint16_t *kb, const uint16_t *vb, const float *mb,
+                      uint16_t *ob, uint32_t *kt, uint32_t *vt) {
+    /* eight rows per block where their value accumulators fit the 32 vector registers, four at the end */
+    constexpr int R = D <= 32 ? 2 * ROWS : ROWS;
+    const int L = j->seq, lp = (L + 15) / 16 * 16;
+    pack_bf16<D>(kb, vb, L, j->heads * D, lp, kt, vt);
+    int i = 0;
+    for (; L - i > ROWS; i += R) rows_bf16<R, D>(j, i, qb, mb, ob, kt, vt);
+    if (i < L) rows_bf16<ROWS, D>(j, i, qb, mb, ob, kt, vt);
+}
+
+static void run_bf16(const job_bf16_t *j, long first, long last) {
+    uint32_t kt[MAX_DIM / 2 * MAX_SEQ] __attribute__((aligned(64)));
+    uint32_t vt[MAX_SEQ / 2 * MAX_DIM] __attribute__((aligned(64)));
+    const int L = j->seq, D = j->dim, C = j->heads * D;
+    for (long t = first; t < last; ++t) {
+        const int b = (int)(t / j->heads), h = (int)(t % j->heads);
+        const size_t base = (size_t)b * L * C + (size_t)h * D;
+        const float *mb = j->mask + (size_t)(h % j->mask_heads) * L * L;
+        switch (D) {
+            case 16: head_bf16<16>(j, j->q + base, j->k + base, j->v + base, mb, j->out + base, kt, vt); break;
+            case 32: head_bf16<32>(j, j->q + base, j->k + base, j->v + base, mb, j->out + base, kt, vt); break;
+            case 48: head_bf16<48>(j, j->q + base, j->k + base, j->v + base, mb, j->out + base, kt, vt); break;
+            case 64: head_bf16<64>(j, j->q + base, j->k + base, j->v + base, mb, j->out + base, kt, vt); break;
+        }
+    }
+}
+#endif
+
 /* The kernel's limits, the one place they are stated (the Python side asks through this). */
 extern "C" int rmt_attention_fits(int seq, int dim) {
     return seq >= 1 && seq <= MAX_SEQ && dim >= 16 && dim % 16 == 0 && dim <= MAX_DIM;
@@ -192,9 +393,34 @@ extern "C" int rmt_attention(const float *q, const float *k, const float *v, con
     return 0;
 }
 
+/* Whether this build has the bfloat16 variant (the CPU it was built for has AVX512_BF16). */
+extern "C" int rmt_attention_has_bf16(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The bfloat16 variant (q, k, v, out as raw bfloat16 bits); -1 where the build has none or the shape does not fit. */
+extern "C" int rmt_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const float *mask, uint16_t *out,
+                                  int batch, int seq, int heads, int dim, int mask_heads, float scale) {
+#ifdef __AVX512BF16__
+    if (!rmt_attention_fits(seq, dim) || mask_heads < 1 || heads % mask_heads) return -1;
+    const job_bf16_t job{q, k, v, mask, out, seq, heads, dim, mask_heads, scale};
+    tbb::parallel_for(tbb::blocked_range<long>(0, (long)batch * heads, 1),
+                      [&](const tbb::blocked_range<long> &r) { run_bf16(&job, r.begin(), r.end()); });
+    return 0;
+#else
+    (void)q, (void)k, (void)v, (void)mask, (void)out, (void)batch, (void)seq, (void)heads, (void)dim, (void)mask_heads, (void)scale;
+    return -1;
+#endif
+}
+
 /* The kernel as an OpenVINO operation: evaluated in C++ inside the CPU plugin's own graph, with no
    Python (and no interpreter lock) between the nodes either side of it. Inputs q, k, v
-   (batch, seq, heads * dim) and the (mask_heads, seq, seq) mask; attributes heads and scale. */
+   (batch, seq, heads * dim), all f32 or all bf16 (the output is of their type), and the f32
+   (mask_heads, seq, seq) mask; attributes heads and scale. */
 
 class SmallHeadAttention : public ov::op::Op {
 public:
@@ -208,8 +434,12 @@ public:
     void validate_and_infer_types() override {
         NODE_VALIDATION_CHECK(this, get_input_size() == 4, "takes q, k, v and mask, got ", get_input_size(), " inputs");
         NODE_VALIDATION_CHECK(this, heads_ > 0, "heads must be positive, got ", heads_);
-        for (size_t i = 0; i < 4; ++i)
-            NODE_VALIDATION_CHECK(this, get_input_element_type(i) == ov::element::f32, "input ", i, " is not f32");
+        const ov::element::Type type = get_input_element_type(0);
+        NODE_VALIDATION_CHECK(this, type == ov::element::f32 || (type == ov::element::bf16 && rmt_attention_has_bf16()),
+                              "q is ", type, ": the kernel takes f32", rmt_attention_has_bf16() ? " or bf16" : "");
+        for (size_t i = 1; i < 3; ++i)
+            NODE_VALIDATION_CHECK(this, get_input_element_type(i) == type, "input ", i, " is not ", type, " like q");
+        NODE_VALIDATION_CHECK(this, get_input_element_type(3) == ov::element::f32, "the mask is not f32");
         const ov::PartialShape &q = get_input_partial_shape(0), &mask = get_input_partial_shape(3);
         if (q.is_static() && mask.is_static()) {
             const ov::Shape qs = q.to_shape(), ms = mask.to_shape();
@@ -243,12 +473,18 @@ public:
                         "SmallHeadAttention: q ", shape, ", k ", inputs[1].get_shape(), ", v ", inputs[2].get_shape(),
                         ", mask ", mask, " do not fit together");
         outputs[0].set_shape(shape);
+        const int batch = (int)shape[0], seq = (int)shape[1], heads = (int)heads_, dim = (int)(shape[2] / heads_);
+        if (inputs[0].get_element_type() == ov::element::bf16)
+            return rmt_attention_bf16(bits(inputs[0]), bits(inputs[1]), bits(inputs[2]), inputs[3].data<const float>(),
+                                      (uint16_t *)outputs[0].data(), batch, seq, heads, dim, (int)mask[0], scale_) == 0;
         return rmt_attention(inputs[0].data<const float>(), inputs[1].data<const float>(), inputs[2].data<const float>(),
-                             inputs[3].data<const float>(), outputs[0].data<float>(), (int)shape[0], (int)shape[1],
-                             (int)heads_, (int)(shape[2] / heads_), (int)mask[0], scale_) == 0;
+                             inputs[3].data<const float>(), outputs[0].data<float>(), batch, seq, heads, dim,
+                             (int)mask[0], scale_) == 0;
     }
 
 private:
+    static const uint16_t *bits(const ov::Tensor &tensor) { return (const uint16_t *)tensor.data(); }
+
     int64_t heads_ = 1;
     float scale_ = 1.0f;
 };
