@@ -345,8 +345,9 @@ def _run_one(row: _Row, progress) -> dict:
             row.skip(exc)
         finally:
             runner.close()
-    if progress:
-        progress.remove_task(task)
+    finally:
+        if progress:
+            progress.remove_task(task)
     return row.result
 
 
@@ -378,7 +379,10 @@ def _run_interleaved(rows: list[_Row], progress) -> list[dict]:
                     runner.close()
                     del running[key]
         for row, runner, artifact, timing in running.values():
-            row.record(timing.result(), runner, artifact, None)
+            try:
+                row.record(timing.result(), runner, artifact, None)
+            except Exception as exc:  # noqa: BLE001 -- this row fails, the others are recorded
+                row.skip(exc)
     finally:
         for _, runner, _, _ in running.values():
             runner.close()

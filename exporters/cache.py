@@ -38,17 +38,17 @@ class ArtifactCache:
         self.root = Path(root)
         # Hash the model and exporter sources now, next to their import, not at export time: files
         # edited during a long run must not label an export made by the code loaded before.
-        # The quantizer is part of it: a changed INT8 recipe must not reuse files of the old one.
+        # The quantizers are part of it: a changed INT8 recipe must not reuse files of the old one.
         try:
             from rmt_deploy import model as model_module
-            from rmt_deploy import quantize
+            from rmt_deploy import qdq_layout, quantize
 
             from . import export, onnx_export
         except ImportError as exc:
             self._export, self._problem = None, f"the ONNX exporter cannot be imported: {exc}"
         else:
             self._export, self._problem = export, None
-            self._tag = _source_digest(model_module, onnx_export, export, quantize)
+            self._tag = _source_digest(model_module, onnx_export, export, quantize, qdq_layout)
 
     def _manifest(self, model, plan: ExportPlan, kind: str):
         if self._export is None:

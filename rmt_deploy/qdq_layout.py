@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def _consumers(graph) -> dict[str, list]:
+def consumers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
     users: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -47,22 +48,29 @@ def _perm(node) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
+def _fixed_but_batch(shape: list[int] | None) -> bool:
+    """A 4-D shape whose channel and spatial sizes are known (the batch may be dynamic, 0 here)."""
+    return bool(shape) and len(shape) == 4 and 0 not in shape[1:]
+
+
 def channels_last_tokens(proto) -> int:
     """``Reshape(B, C, H, W -> B, C, HW) -> Transpose(0, 2, 1)`` as ``Transpose(0, 2, 3, 1) -> Reshape(B, HW, C)``,
-    in place; returns how many were rewritten."""
+    in place; returns how many were rewritten. The batch may be dynamic (the new Reshape copies it)."""
     from onnx import helper, numpy_helper
-    graph, shapes, users = proto.graph, _shapes(proto), _consumers(proto.graph)
+    graph, shapes, users = proto.graph, _shapes(proto), consumers(proto.graph)
+    outputs = {o.name for o in graph.output}
     count = 0
     for reshape in [n for n in graph.node if n.op_type == "Reshape"]:
         source, after = shapes.get(reshape.input[0]), users.get(reshape.output[0], [])
-        if not source or len(source) != 4 or 0 in source or len(after) != 1:
+        if not _fixed_but_batch(source) or len(after) != 1 or reshape.output[0] in outputs:
             continue
         transpose = after[0]
         b, c, h, w = source
         if transpose.op_type != "Transpose" or _perm(transpose) != [0, 2, 1] \
                 or shapes.get(reshape.output[0]) != [b, c, h * w]:
             continue
-        target = numpy_helper.from_array(np.array([b, h * w, c], np.int64), f"{reshape.output[0]}_tokens_shape")
+        # 0 copies the input's batch (a fixed or a dynamic one)
+        target = numpy_helper.from_array(np.array([0, h * w, c], np.int64), f"{reshape.output[0]}_tokens_shape")
         graph.initializer.append(target)
         nhwc = f"{reshape.output[0]}_nhwc"
         _replace(graph, [reshape, transpose], [
@@ -87,8 +95,9 @@ def pointwise_matrix(conv, initializers) -> np.ndarray | None:
 
 
 def pointwise_convs_as_gemms(proto) -> int:
-    """Each 1x1 convolution of a static shape as ``Transpose(0, 2, 3, 1) -> Reshape(BHW, C) -> Gemm ->
-    Reshape(B, H, W, C') -> Transpose(0, 3, 1, 2)``, in place; returns how many were rewritten.
+    """Each 1x1 convolution of known channels and size (the batch may be dynamic) as ``Transpose(0, 2, 3, 1)
+    -> Reshape(BHW, C) -> Gemm -> Reshape(B, H, W, C') -> Transpose(0, 3, 1, 2)``, in place; returns how
+    many were rewritten.
 
     A 2-D Gemm, not a 4-D MatMul: ONNX Runtime fuses some MatMul + Add pairs into a float Gemm
     before its QDQ fusions see them, which then stay float."""
@@ -98,12 +107,12 @@ def pointwise_convs_as_gemms(proto) -> int:
     count = 0
     for conv in list(graph.node):
         matrix, source = pointwise_matrix(conv, initializers), shapes.get(conv.input[0])
-        if matrix is None or not source or len(source) != 4 or 0 in source:
+        if matrix is None or not _fixed_but_batch(source):
             continue
-        b, c, h, w = source
+        _, c, h, w = source
         stem = conv.name or conv.output[0]
-        for name, value in ((f"{stem}_matrix", matrix), (f"{stem}_rows", np.array([b * h * w, c], np.int64)),
-                            (f"{stem}_nhwc_shape", np.array([b, h, w, matrix.shape[0]], np.int64))):
+        for name, value in ((f"{stem}_matrix", matrix), (f"{stem}_rows", np.array([-1, c], np.int64)),
+                            (f"{stem}_nhwc_shape", np.array([-1, h, w, matrix.shape[0]], np.int64))):
             graph.initializer.append(numpy_helper.from_array(value, name))
         gemm_inputs = [f"{stem}_flat", f"{stem}_matrix", *conv.input[2:3]]
         _replace(graph, [conv], [

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .preprocess import image_files, load_images
-from .qdq_layout import pointwise_matrix, rewrite_for_ort_int8
+from .qdq_layout import consumers, pointwise_matrix, rewrite_for_ort_int8
 from .runners.base import INPUT_NAME
 
 
@@ -93,11 +93,7 @@ def _projection_adds(proto) -> set[str]:
     is rounded to uint8 for the projection anyway. A QLinearAdd there saves a DequantizeLinear and a
     float add. The residual adds stay float: quantized, they failed the gate on the degraded fixture
     (docs/precision.md)."""
-    initializers = {i.name: i for i in proto.graph.initializer}
-    readers: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    initializers, readers = {i.name: i for i in proto.graph.initializer}, consumers(proto.graph)
     return {n.name for n in proto.graph.node if n.op_type == "Add" and readers.get(n.output[0])
             and all(pointwise_matrix(r, initializers) is not None for r in readers[n.output[0]])}
 
@@ -113,6 +109,18 @@ def _float_nodes(proto, quantized_adds: set[str]) -> list[str]:
             if (n.op_type == "MatMul" and not set(n.input) & constants)
             or (n.op_type == "Add" and n.name not in quantized_adds)
             or (n.op_type == "Conv" and image in n.input)]
+
+
+def _name_every_node(proto) -> None:
+    """Give each unnamed node a name no other node has: the quantizer excludes nodes by name."""
+    taken = {node.name for node in proto.graph.node}
+    for index, node in enumerate(proto.graph.node):
+        if node.name:
+            continue
+        while f"rmt_{node.op_type}_{index}" in taken:
+            index += 1
+        node.name = f"rmt_{node.op_type}_{index}"
+        taken.add(node.name)
 
 
 def quantize_onnxruntime(fp32_onnx: str | Path, out_path: str | Path, images: np.ndarray, *,
@@ -137,8 +145,7 @@ def quantize_onnxruntime(fp32_onnx: str | Path, out_path: str | Path, images: np
         # shape inference and ORT's graph fusions first, as ONNX Runtime's docs advise for static quantization
         quant_pre_process(os.fspath(fp32_onnx), os.fspath(prepared), skip_symbolic_shape=True)
         prepared_proto = onnx.load(os.fspath(prepared))
-        for index, node in enumerate(prepared_proto.graph.node):
-            node.name = node.name or f"{node.op_type}_{index}"     # the quantizer excludes nodes by name
+        _name_every_node(prepared_proto)
         quantized_adds = _projection_adds(prepared_proto)
         rewrites = rewrite_for_ort_int8(prepared_proto)
         onnx.save(prepared_proto, os.fspath(prepared))

@@ -84,17 +84,23 @@ def _pointwise_convs(proto) -> int:
     return sum(n.op_type == "Conv" and shapes.get(n.input[1], [])[2:] == [1, 1] for n in proto.graph.node)
 
 
-def test_int8_layout_rewrites_keep_the_float_outputs(fp32_onnx):
+@pytest.mark.parametrize("batch", ["static", "dynamic"])
+def test_int8_layout_rewrites_keep_the_float_outputs(fp32_onnx, tmp_path, batch):
+    """Static and dynamic-batch exports (rmt-export --dynamic-batch, Triton) are rewritten alike."""
     import onnxruntime as ort
-    proto = onnx.load(str(fp32_onnx))
+    from rmt_deploy.exporters.onnx_export import export_onnx
+    path = fp32_onnx if batch == "static" else export_onnx(shapes10.fixture_model(), tmp_path / "dynamic.onnx",
+                                                            dynamic_batch=True, height=SIZE, width=SIZE)
+    proto = onnx.load(str(path))
     pointwise, tokens = _pointwise_convs(proto), _perms(proto).count([0, 2, 1])
     assert pointwise and tokens
     assert rewrite_for_ort_int8(proto) == {"channels-last tokens": tokens, "1x1 convs as Gemm": pointwise}
     assert _pointwise_convs(proto) == 0 and [0, 2, 1] not in _perms(proto)
-    images = shapes10.parity_images()[:BATCH]
-    before, after = (ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
-                     for model in (str(fp32_onnx), proto.SerializeToString()))
-    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+    for images in ([shapes10.parity_images()[:BATCH]] if batch == "static" else
+                   [shapes10.parity_images()[:3], shapes10.parity_images()[:1]]):
+        before, after = (ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
+                         for model in (str(path), proto.SerializeToString()))
+        np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
 
 
 @int8_here
@@ -190,16 +196,19 @@ def test_openvino_int8_ir_with_bf16_float_layers_passes_the_int8_gate(openvino_i
         assert report.passed, report.text()
 
 
-def test_openvino_int8_float_layers_stay_float32_where_the_cpu_lacks_bf16(openvino_int8_ir, monkeypatch):
+def test_openvino_int8_float_layers_stay_float32_where_the_cpu_lacks_bf16(fp32_onnx, monkeypatch):
+    """Decided when the runner is made (before any file is read), through the registry as directly."""
     pytest.importorskip("openvino")
     from rmt_deploy.runners import RunnerUnavailable, registry
     from rmt_deploy.runners.openvino import OpenVINORunner
     monkeypatch.setattr(registry, "cpu_flags", lambda: {"avx2", "avx512_vnni"})     # VNNI, no bf16
-    assert OpenVINORunner(openvino_int8_ir).int8_float_layers == "f32"
+    assert OpenVINORunner(fp32_onnx).int8_float_layers == "f32"
+    opened = get_backend("openvino").open(artifact=fp32_onnx, int8_float_layers="f32")
+    assert opened.int8_float_layers == "f32"
     with pytest.raises(RunnerUnavailable, match="AVX512_BF16/AMX"):
-        OpenVINORunner(openvino_int8_ir, int8_float_layers="bf16")
+        OpenVINORunner(fp32_onnx, int8_float_layers="bf16")
     with pytest.raises(ValueError, match="int8_float_layers must be"):
-        OpenVINORunner(openvino_int8_ir, int8_float_layers="fp16")
+        OpenVINORunner(fp32_onnx, int8_float_layers="fp16")
 
 
 @int8_here

@@ -170,8 +170,8 @@ class OpenVINORunner(Runner):
         super().close()
 
 
-def _open(*, model, artifact, device, precision, threads) -> OpenVINORunner:
-    return OpenVINORunner(artifact, device=device, threads=threads, precision=precision)
+def _open(*, model, artifact, device, precision, threads, **options) -> OpenVINORunner:
+    return OpenVINORunner(artifact, device=device, threads=threads, precision=precision, **options)
 
 
 def _quantize(fp32_onnx: Path, out_xml: Path, images, *, calibration: str = "") -> Path:
@@ -183,4 +183,4 @@ def _quantize(fp32_onnx: Path, out_xml: Path, images, *, calibration: str = "") 
 # NNCF's INT8 writes): the runner reads both. bf16 is a runtime precision of the fp32 file.
 OPENVINO = register(Backend("openvino", "onnx", {"cpu": ("fp32", "fp16", "bf16", "int8")}, _open, unavailable_reason,
                             prepare_onnx, platform="openvino", title="OpenVINO", packages=("openvino",),
-                            quantizer=_quantize, int8_suffix=".xml"))
+                            quantizer=_quantize, int8_suffix=".xml", options=("int8_float_layers", "bf16_attention_kernel")))

@@ -140,6 +140,8 @@ def use_small_head_attention(model, compute: str = "f32") -> int:
     around it go too); returns how many it replaced. Runs after `drop_attention_nan_guards`: only
     attention with a finite mask and no guard left is replaced. ``compute`` "bf16" runs the kernel's
     bfloat16 variant between conversions the bf16 plugin finds already done (its tensors are bfloat16)."""
+    if compute not in ("f32", "bf16"):
+        raise ValueError(f"the small-head attention kernel computes in 'f32' or 'bf16', not {compute!r}")
     factory = _small_head_attention_factory()
     import openvino.opset13 as ops
     replaced = 0

@@ -79,6 +79,8 @@ class Backend:
     def __post_init__(self):
         if self.artifact not in ARTIFACT_KINDS:
             raise ValueError(f"{self.name}: artifact kind must be one of {ARTIFACT_KINDS}")
+        if undeclared := set(self.shared_process_options) - set(self.options):
+            raise ValueError(f"{self.name}: shared_process_options {sorted(undeclared)} are not among its options")
 
     def supports(self, device: str, precision: str = "fp32") -> bool:
         return precision in self.precisions.get(device_kind(device), ())

@@ -120,8 +120,10 @@ def kernel_unavailable_reason(precision: str = "f32") -> str | None:
 
 def _bf16_bits(a: np.ndarray) -> np.ndarray:
     """float32 rounded to bfloat16 (to nearest, ties to even), as the raw 16-bit patterns."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    values = np.ascontiguousarray(a, dtype=np.float32)
+    bits = values.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)      # rounding would carry a NaN into +-0
 
 
 def library_path() -> Path:
@@ -141,6 +143,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, hea
     (`openvino_graph.use_small_head_attention`); this entry checks that code against numpy directly.
     ``precision`` "bf16" runs the bfloat16 variant on q, k, v rounded to bfloat16 and returns its
     bfloat16 result widened to float32."""
+    if precision not in ("f32", "bf16"):
+        raise ValueError(f"precision must be 'f32' or 'bf16', not {precision!r}")
     lib = _load()
     batch, seq, channels = q.shape
     if k.shape != q.shape or v.shape != q.shape or channels % heads or mask.shape[-2:] != (seq, seq):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rmt_deploy.accuracy import low_precision_gate
-from rmt_deploy.runners import get_backend
+from rmt_deploy.runners import get_backend, small_attention
 from rmt_deploy.runners.eager import EagerRunner
 import shapes10
 from shapes10 import BATCH, export_fixture, fixture_model, needs_fixture
@@ -31,8 +31,27 @@ def test_openvino_bf16_passes_the_gate(tmp_path):
     candidate = OpenVINORunner(export_fixture(tmp_path), precision="bf16").load()
     meta = candidate.metadata().extra
     assert candidate.precision == "bf16" and meta["inference_precision"] == "bf16"
-    assert meta["small_head_attention"] == "9 (bfloat16 variant)"
+    if small_attention.kernel_unavailable_reason("bf16") is None:
+        assert meta["small_head_attention"] == "9 (bfloat16 variant)"
     _assert_gate_passes(candidate)
+
+
+@needs_fixture
+@pytest.mark.skipif(bool(bf16_reason), reason=str(bf16_reason))
+def test_openvino_bf16_falls_back_to_the_float32_kernel_without_the_bf16_variant(tmp_path, monkeypatch):
+    """A build without the bf16 variant (a compiler that does not target AVX512_BF16): attention stays on
+    the float32 kernel inside the bf16 graph, the metadata says why, and the gate still passes."""
+    pytest.importorskip("openvino")
+    if small_attention.kernel_unavailable_reason():
+        pytest.skip(small_attention.kernel_unavailable_reason())
+    from rmt_deploy.runners.openvino import OpenVINORunner
+    real = small_attention.kernel_unavailable_reason
+    monkeypatch.setattr(small_attention, "kernel_unavailable_reason",
+                        lambda precision="f32": "no bf16 variant in this build" if precision == "bf16" else real(precision))
+    candidate = OpenVINORunner(export_fixture(tmp_path), precision="bf16").load()
+    assert candidate.metadata().extra["small_head_attention"] == \
+        "9 (float32 variant inside bf16: no bf16 variant in this build)"
+    _assert_gate_passes(candidate, sets=("degraded",))
 
 
 @needs_fixture

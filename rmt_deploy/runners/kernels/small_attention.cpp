@@ -9,7 +9,9 @@
    oneTBB, the thread pool OpenVINO itself runs on: called from inside an inference its idle
    workers take them (a second pool would fight them for the cores). Built with -march=native
    (AVX-512F) against the OpenVINO and oneTBB headers and libraries that ship with OpenVINO; the
-   caller falls back to OpenVINO's own kernel where it does not build. */
+   caller falls back to OpenVINO's own kernel where it does not build. Where the compiler targets
+   AVX512_BF16 the library also has a bfloat16 variant (below): bf16 q, k, v and out, float32 mask
+   and softmax. */
 #include <immintrin.h>
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
@@ -185,6 +187,8 @@ static void run(const job_t *j, long first, long last) {
    softmax stays float32, and only the probabilities are rounded to bfloat16 before weighing the
    values. Keys are packed as pairs of head dimensions, values as pairs of keys: the operand layouts
    vdpbf16ps multiplies pairwise. */
+typedef uint32_t __attribute__((may_alias)) word_t;     /* two bf16 values, read from uint16_t buffers */
+
 struct job_bf16_t {
     const uint16_t *q, *k, *v;
     const float *mask;
@@ -194,7 +198,7 @@ struct job_bf16_t {
 };
 
 template <int G, int D>
-static inline __attribute__((always_inline)) void score_block_bf16(const uint32_t *const *qr, const float *const *mr,
+static inline __attribute__((always_inline)) void score_block_bf16(const word_t *const *qr, const float *const *mr,
                                                                    const uint32_t *kt, int lp, int c, int L, float scale,
                                                                    float (*p)[MAX_SEQ], __m512 *mx) {
     __m512 s[ROWS][G];
@@ -269,7 +273,7 @@ static inline void pack_bf16(const uint16_t *kb, const uint16_t *vb, int L, int 
         const __mmask16 keep = n + 16 <= L ? (__mmask16)0xFFFF : n < L ? (__mmask16)((1u << (L - n)) - 1) : 0;
         for (int d = 0; d < D / 2; ++d)
             _mm512_store_si512(kt + d * lp + n, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), keep, stride,
-                                                                            (const int *)(kb + (size_t)n * C) + d, 4));
+                                                                            (const word_t *)(kb + (size_t)n * C) + d, 4));
     }
     /* word i of a pair holds (first key, second key) of dimension i: even lanes from the first 16, odd from the next */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
@@ -300,7 +304,7 @@ static inline __m512 exp512_bf16(__m512 x) {
 
 /* Scores of ROWS rows against every key vector, in blocks of CHUNK vectors. */
 template <int D>
-static inline __attribute__((always_inline)) void scores_bf16(const uint32_t *const *qr, const float *const *mr,
+static inline __attribute__((always_inline)) void scores_bf16(const word_t *const *qr, const float *const *mr,
                                                               const uint32_t *kt, int lp, int nv, int L, float scale,
                                                               float (*p)[MAX_SEQ], __m512 *mx) {
     int c = 0;
@@ -320,12 +324,12 @@ static inline void rows_bf16(const job_bf16_t *j, int i, const uint16_t *qb, con
     const int L = j->seq, C = j->heads * D, nv = (L + 15) / 16, lp = nv * 16;
     float p[R][MAX_SEQ] __attribute__((aligned(64)));
     uint32_t pw[R][MAX_SEQ / 2] __attribute__((aligned(64)));
-    const uint32_t *qr[R];
+    const word_t *qr[R];
     const float *mr[R];
     uint16_t *orow[R];
     for (int r = 0; r < R; ++r) {     /* past the last row: repeat it (same result, same place) */
         const int row = i + r < L ? i + r : L - 1;
-        qr[r] = (const uint32_t *)(qb + (size_t)row * C), mr[r] = mb + (size_t)row * L, orow[r] = ob + (size_t)row * C;
+        qr[r] = (const word_t *)(qb + (size_t)row * C), mr[r] = mb + (size_t)row * L, orow[r] = ob + (size_t)row * C;
     }
     __m512 mx[R];
     for (int r = 0; r < R; ++r) mx[r] = _mm512_set1_ps(-INFINITY);
@@ -472,9 +476,13 @@ public:
                             && inputs[2].get_shape() == shape && mask[1] == shape[1] && mask[2] == shape[1],
                         "SmallHeadAttention: q ", shape, ", k ", inputs[1].get_shape(), ", v ", inputs[2].get_shape(),
                         ", mask ", mask, " do not fit together");
+        const ov::element::Type type = inputs[0].get_element_type();
+        OPENVINO_ASSERT(inputs[1].get_element_type() == type && inputs[2].get_element_type() == type
+                            && outputs[0].get_element_type() == type && inputs[3].get_element_type() == ov::element::f32,
+                        "SmallHeadAttention: q, k, v and the output must share one type (f32 or bf16), the mask f32");
         outputs[0].set_shape(shape);
         const int batch = (int)shape[0], seq = (int)shape[1], heads = (int)heads_, dim = (int)(shape[2] / heads_);
-        if (inputs[0].get_element_type() == ov::element::bf16)
+        if (type == ov::element::bf16)
             return rmt_attention_bf16(bits(inputs[0]), bits(inputs[1]), bits(inputs[2]), inputs[3].data<const float>(),
                                       (uint16_t *)outputs[0].data(), batch, seq, heads, dim, (int)mask[0], scale_) == 0;
         return rmt_attention(inputs[0].data<const float>(), inputs[1].data<const float>(), inputs[2].data<const float>(),
