@@ -246,7 +246,7 @@ def run_benchmark(models, backends, precisions=("fp32",), batch_sizes=(1, 8), se
         macs = count_macs(model.config, settings.img_size, settings.img_size)["total"]
         described[model.config.name] = {"config": asdict(model.config), "checkpoint": model.checkpoint,
                                         "params": count_params(model.config), "macs_per_image": macs}
-        row = functools.partial(_row, model, settings=settings, cache=cache, onnx=onnx, engine=engine, macs=macs)
+        row = functools.partial(_Row, model, settings=settings, cache=cache, onnx=onnx, engine=engine, macs=macs)
         if settings.interleave:
             for batch in batch_sizes:
                 for backend in backends:
@@ -286,6 +286,10 @@ class _Row:
     macs: int
     result: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.result.update(model=self.model.config.name, backend=self.backend, precision=self.precision,
+                           batch_size=self.batch, device=self.settings.device, img_size=self.settings.img_size)
+
     @property
     def label(self) -> str:
         return f"{self.model.config.name} {self.backend} {self.precision} b{self.batch}"
@@ -316,13 +320,6 @@ class _Row:
                      gflops=2 * self.macs * timed["images_per_s"] / 1e9,
                      peak_fraction=None)      # set against the run's matmul peak once it is complete
         self.result.update(timed)
-
-
-def _row(model, backend: str, precision: str, batch: int, **context) -> _Row:
-    row = _Row(model, backend, precision, batch, **context)
-    row.result.update(model=model.config.name, backend=backend, precision=precision, batch_size=batch,
-                      device=row.settings.device, img_size=row.settings.img_size)
-    return row
 
 
 def _calls_per_row(settings: Settings) -> int | None:
